@@ -1,0 +1,333 @@
+//! The platform contract of dmatx (`no_std` + `alloc`): everything the core needs from a backend.
+//!
+//! KMDF sits on the Windows HAL's DMA adapter (`DMA_OPERATIONS`): it owns map registers, bounce
+//! buffers, scatter/gather list construction, queued adapter-channel allocation and common-buffer
+//! memory. dmatx names that layer with three traits:
+//!
+//! * [`Platform`] hands out an [`Adapter`] for a [`DeviceDescription`] (address width, SG
+//!   capability, maximum transfer length), as `IoGetDmaAdapter` does.
+//! * [`Adapter`] owns a finite pool of map registers. [`Adapter::allocate`] grants registers now,
+//!   queues the request and grants it later through an [`AllocationWaiter`], or refuses it
+//!   (immediate execution). [`Adapter::map`] maps one transfer into an SG list (it may map fewer
+//!   bytes than asked); [`Adapter::flush`] ends the transfer (bounced data is copied back);
+//!   [`Adapter::free`] returns the registers; [`Adapter::cancel_allocation`] withdraws a queued
+//!   request. Common buffers are allocated and accessed through the adapter too.
+//! * [`MemoryDescriptor`] describes a buffer as KMDF's MDL chain does: a chain of virtually
+//!   contiguous segments, each with the physical page frames behind it.
+//!
+//! The core never names a backend; `dmatx-sim` and `dmatx-vfio` implement these traits.
+//!
+//! # The rules a backend keeps
+//! * A waiter is called at most once per queued request, never from inside
+//!   [`Adapter::allocate`] (a grant available at once is returned as [`Allocation::Granted`]),
+//!   and never while the adapter holds a lock of its own: the waiter runs the driver's
+//!   program-DMA callback, which may call back into the adapter.
+//! * Queued requests are granted in the order they were queued, as registers return.
+//! * A mapping made by [`Adapter::map`] stays live (the device may use it) until the matching
+//!   [`Adapter::flush`]; a backend with a DMA sanitizer blocks device accesses outside live
+//!   mappings and common buffers.
+//!
+//! Spec: `kmdf-dma-spec.md` §0 (HAL), §1.1 (adapter acquisition), §3.2–§3.3 (map registers),
+//! §1.3 (common buffers).
+#![no_std]
+
+extern crate alloc;
+
+use alloc::sync::Arc;
+use core::num::NonZeroU32;
+
+pub use dmatx_types::{
+    BusAddr, Direction, DmaVersion, Error, PAGE_SIZE, PhysAddr, Result, SgElement, VirtAddr,
+};
+
+/// What the core tells the platform about a device when it asks for an adapter
+/// (the HAL's `DEVICE_DESCRIPTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceDescription {
+    /// The device masters the bus itself (false for system-mode DMA).
+    pub bus_master: bool,
+    /// The device takes scatter/gather lists.
+    pub scatter_gather: bool,
+    /// Number of address bits the device can drive (24..=64).
+    pub address_bits: u8,
+    /// Largest transfer the device takes, in bytes (the enabler's `MaximumLength`).
+    pub maximum_length: u64,
+    /// DMA version the enabler selected.
+    pub version: DmaVersion,
+    /// The direction this adapter serves; simplex enablers ask once, for `ReadFromDevice`.
+    pub direction: Direction,
+    /// Whether the enabler keeps separate read and write adapters.
+    pub duplex: bool,
+}
+
+impl DeviceDescription {
+    /// Highest bus address the device can reach, inclusive.
+    pub const fn address_limit(&self) -> u64 {
+        if self.address_bits >= 64 { u64::MAX } else { (1u64 << self.address_bits) - 1 }
+    }
+}
+
+/// A backend: the source of DMA adapters (KMDF's HAL).
+pub trait Platform: Send + Sync + 'static {
+    /// The adapter type this platform hands out.
+    type Adapter: Adapter;
+
+    /// An adapter for a device described by `description`, with its own pool of map registers
+    /// (`IoGetDmaAdapter`). The adapter reports how many registers it granted through
+    /// [`Adapter::map_register_count`].
+    ///
+    /// # Errors
+    /// Any error; the core reports adapter acquisition failures as
+    /// [`Error::Unsuccessful`] as KMDF does.
+    fn adapter(&self, description: &DeviceDescription) -> Result<Self::Adapter>;
+}
+
+/// Receives a queued map-register grant (the HAL calling KMDF's adapter-control routine).
+pub trait AllocationWaiter: Send + Sync {
+    /// The registers asked for are now owned by the waiter. Called at most once per queued
+    /// request, on whatever thread returned the registers that made the grant possible, with no
+    /// adapter lock held.
+    fn granted(&self, registers: MapRegisters);
+}
+
+/// A shared handle to an [`AllocationWaiter`]. Its address identifies the request for
+/// [`Adapter::cancel_allocation`].
+pub type Waiter = Arc<dyn AllocationWaiter>;
+
+/// The address that identifies a waiter (the data pointer of its `Arc`).
+#[inline]
+pub fn waiter_id(waiter: &Waiter) -> usize {
+    Arc::as_ptr(waiter) as *const () as usize
+}
+
+/// A request for map registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocationRequest {
+    /// Number of map registers wanted (each covers one page).
+    pub count: NonZeroU32,
+    /// Immediate execution: grant now or refuse; never queue.
+    pub immediate: bool,
+}
+
+/// Outcome of [`Adapter::allocate`].
+#[derive(Debug)]
+#[must_use = "granted registers must be freed, and a queued request waits for its waiter"]
+pub enum Allocation {
+    /// The registers are owned by the caller now.
+    Granted(MapRegisters),
+    /// The request waits; the waiter's [`AllocationWaiter::granted`] will be called once.
+    Queued,
+}
+
+/// A grant of consecutive map registers of one adapter. Not `Clone`: exactly one owner frees it.
+///
+/// A backend builds it with [`MapRegisters::new`]; the core only passes it back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MapRegisters {
+    first: u32,
+    count: u32,
+}
+
+impl MapRegisters {
+    /// A grant of `count` registers starting at register index `first`. For backends.
+    pub const fn new(first: u32, count: u32) -> Self {
+        Self { first, count }
+    }
+
+    /// Index of the first register in the adapter's pool.
+    pub const fn first(&self) -> u32 {
+        self.first
+    }
+
+    /// Number of registers granted.
+    pub const fn count(&self) -> u32 {
+        self.count
+    }
+}
+
+/// Result of mapping one transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Bytes mapped (≤ the length asked for, ≥ 1 when a non-zero length was asked for).
+    pub bytes: u64,
+    /// Number of elements written to the output list.
+    pub elements: usize,
+}
+
+/// A common buffer as the platform allocated it (raw, before dmatx applies alignment).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CommonAllocation {
+    /// CPU virtual address of the first byte.
+    pub virt: VirtAddr,
+    /// Bus (logical) address of the first byte.
+    pub logical: BusAddr,
+    /// Bytes allocated.
+    pub length: u64,
+    /// Backend bookkeeping (e.g. the first page frame).
+    pub token: u64,
+}
+
+/// One virtually contiguous segment of a buffer and the page frames behind it.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// Virtual address of the segment's first byte (its page offset matters).
+    pub va: VirtAddr,
+    /// Bytes in the segment (KMDF's `MmGetMdlByteCount`).
+    pub length: u64,
+    /// Physical page frames, one per page spanned by `va .. va + length`, in order.
+    pub frames: &'a [PhysAddr],
+}
+
+impl Segment<'_> {
+    /// Physical address of byte `offset` of the segment, or `None` past its end.
+    pub fn phys(&self, offset: u64) -> Option<PhysAddr> {
+        if offset >= self.length {
+            return None;
+        }
+        let pos = self.va.page_offset() + offset;
+        let frame = self.frames.get(usize::try_from(pos / PAGE_SIZE).ok()?)?;
+        frame.page_base().checked_add(pos % PAGE_SIZE)
+    }
+}
+
+/// A buffer described as a chain of virtually contiguous segments (KMDF's MDL chain).
+///
+/// # Safety
+/// An implementer promises that, for as long as the value exists and even if it is leaked:
+/// * the frames of every segment are the physical pages that hold the segment's bytes, and no
+///   other owner will be given those pages (they are never freed or reused while the value
+///   exists, and a leaked value keeps them forever);
+/// * the segments and frames it reports never change while the value exists (moving the value
+///   does not move the bytes);
+/// * the segment count and lengths are consistent: `frames.len()` equals the pages spanned by
+///   `va .. va + length`.
+///
+/// The core relies on this to hand the frames to a device while it owns the value.
+pub unsafe trait MemoryDescriptor: Send + 'static {
+    /// Number of segments in the chain (at least one).
+    fn segment_count(&self) -> usize;
+
+    /// Segment `index` (`index < segment_count()`).
+    fn segment(&self, index: usize) -> Segment<'_>;
+
+    /// Total bytes in the chain.
+    fn total_length(&self) -> u64 {
+        (0..self.segment_count()).map(|i| self.segment(i).length).sum()
+    }
+}
+
+/// A DMA adapter: one finite pool of map registers and the mapping operations over it.
+pub trait Adapter: Send + Sync + 'static {
+    /// Map registers this adapter granted to the device (KMDF's N, > 1).
+    fn map_register_count(&self) -> u32;
+
+    /// Alignment mask the platform requires of common buffers (`HAL alignment − 1`).
+    fn alignment_requirement(&self) -> u64 {
+        0
+    }
+
+    /// Announce a future waiter so the backend can reserve room in its queue; the core calls it
+    /// once per transaction at creation, so queuing later allocates nothing.
+    ///
+    /// # Errors
+    /// [`Error::InsufficientResources`] if the backend cannot take another waiter.
+    fn register_waiter(&self) -> Result<()>;
+
+    /// Withdraw an announcement made by [`Adapter::register_waiter`].
+    fn unregister_waiter(&self);
+
+    /// Allocate `request.count` consecutive map registers.
+    ///
+    /// # Errors
+    /// [`Error::InsufficientResources`] when `request.immediate` is set and the registers are
+    /// not free now, or when more registers are asked for than the adapter has.
+    fn allocate(&self, request: AllocationRequest, waiter: &Waiter) -> Result<Allocation>;
+
+    /// Withdraw the queued request of `waiter`. Returns `true` if it was queued (its waiter will
+    /// now never be called), `false` if nothing was queued for it.
+    fn cancel_allocation(&self, waiter: &Waiter) -> bool;
+
+    /// Map `length` bytes of `buffer` starting at chain offset `offset` for one transfer, writing
+    /// at most `out.len()` elements. Register `i` of `registers` serves the `i`-th page the
+    /// mapped bytes span. May map fewer bytes than asked (element limit, a break in physical
+    /// contiguity, the end of a segment); for a write-to-device transfer bounced bytes are
+    /// copied in before this returns. The mapping is live until [`Adapter::flush`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the range lies outside the buffer, `length` is 0, `out` is
+    /// empty or the range needs more registers than granted; backend errors otherwise.
+    fn map<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &MapRegisters,
+        buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+        out: &mut [SgElement],
+    ) -> Result<Mapping>;
+
+    /// End the live mapping of `registers` (made for `buffer`, `offset`, `length`): for a
+    /// read-from-device transfer bounced bytes are copied back; the device may no longer use
+    /// the mapping. Always ends the mapping, even when it returns an error.
+    ///
+    /// # Errors
+    /// A backend error means the transfer's data cannot be trusted (KMDF's flush failure).
+    fn flush<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &MapRegisters,
+        buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+    ) -> Result<()>;
+
+    /// Return registers to the pool, ending any live mapping, and grant queued requests that
+    /// now fit (calling their waiters on this thread, with no adapter lock held).
+    fn free(&self, registers: MapRegisters);
+
+    /// Allocate `length` bytes of physically contiguous, device-visible memory with page
+    /// alignment (`AllocateCommonBuffer`).
+    ///
+    /// # Errors
+    /// [`Error::InsufficientResources`] if the memory is not available.
+    fn allocate_common_buffer(&self, length: u64) -> Result<CommonAllocation>;
+
+    /// Free a common buffer allocated by this adapter.
+    fn free_common_buffer(&self, allocation: CommonAllocation);
+
+    /// Copy bytes of a common buffer into `out`, starting at byte `offset` of the allocation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the range lies outside the allocation.
+    fn read_common_buffer(
+        &self,
+        allocation: &CommonAllocation,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<()>;
+
+    /// Copy `data` into a common buffer at byte `offset` of the allocation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the range lies outside the allocation.
+    fn write_common_buffer(
+        &self,
+        allocation: &CommonAllocation,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()>;
+}
+
+/// Locate chain offset `offset` in `buffer`: the segment index and the offset inside it.
+///
+/// Returns `None` if `offset` is at or past the end of the chain.
+pub fn locate<D: MemoryDescriptor + ?Sized>(buffer: &D, mut offset: u64) -> Option<(usize, u64)> {
+    for i in 0..buffer.segment_count() {
+        let len = buffer.segment(i).length;
+        if offset < len {
+            return Some((i, offset));
+        }
+        offset -= len;
+    }
+    None
+}

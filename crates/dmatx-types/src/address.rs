@@ -116,7 +116,8 @@ mod tests {
                 assert_eq!(pages_spanned(off, len), naive, "off {off} len {len}");
             }
         }
-        assert_eq!(pages_spanned(4095, u64::MAX), u64::MAX / PAGE_SIZE + 1);
+        // u64::MAX = 4096 × (2^52 − 1) + 4095, so 4095 + that spans 2^52 + 1 pages.
+        assert_eq!(pages_spanned(4095, u64::MAX), (1 << 52) + 1);
     }
 
     #[test]

@@ -1,0 +1,385 @@
+//! The DMA enabler (KMDF's WDFDMAENABLER): a device's DMA profile, its adapters and limits.
+//!
+//! Spec §1.1 (configuration, version selection, adapter acquisition) and §2.1 (methods).
+
+use crate::device::{DeviceShared, DmaDevice};
+use crate::sync::{Arc, AtomicU32, Ordering};
+use dmatx_hal::{Adapter, DeviceDescription, Platform};
+use dmatx_types::{Direction, DmaVersion, Error, PAGE_SIZE, Profile, Result};
+
+/// KMDF's `WDF_DMA_ENABLER_UNLIMITED_FRAGMENTS`: the initial maximum SG element count.
+pub const UNLIMITED_FRAGMENTS: u32 = u32::MAX;
+
+/// How an enabler is set up (`WDF_DMA_ENABLER_CONFIG`).
+///
+/// ```
+/// use dmatx::{EnablerConfig, Profile, DmaVersion};
+/// let config = EnablerConfig::new(Profile::ScatterGather64, 64 * 1024)
+///     .with_version(DmaVersion::V3);
+/// assert_eq!(config.maximum_length, 64 * 1024);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnablerConfig {
+    /// The device's DMA profile.
+    pub profile: Profile,
+    /// Largest transfer the device takes, in bytes (`MaximumLength`).
+    pub maximum_length: u64,
+    /// Address width override in bits, 0 for the profile's width (`AddressWidthOverride`).
+    pub address_width_override: u8,
+    /// DMA version override (`WdmDmaVersionOverride`); `None` keeps the default.
+    pub version_override: Option<DmaVersion>,
+    /// `WDF_DMA_ENABLER_CONFIG_REQUIRE_SINGLE_TRANSFER`: new transactions default to needing a
+    /// single transfer (v3 only).
+    pub require_single_transfer: bool,
+    /// `WDF_DMA_ENABLER_CONFIG_NO_SGLIST_PREALLOCATION`. Accepted for fidelity and ignored:
+    /// dmatx always preallocates SG storage at transaction creation (see `docs/quirks.md`).
+    pub no_sg_list_preallocation: bool,
+    /// Verifier mode: misuse panics with its diagnostic as well as returning
+    /// [`Error::Misuse`]. `None` = on in debug builds (and with the `verifier` feature).
+    pub verifier: Option<bool>,
+}
+
+impl EnablerConfig {
+    /// A configuration for `profile` and `maximum_length` with every other field at its default
+    /// (`WDF_DMA_ENABLER_CONFIG_INIT`).
+    pub const fn new(profile: Profile, maximum_length: u64) -> Self {
+        Self {
+            profile,
+            maximum_length,
+            address_width_override: 0,
+            version_override: None,
+            require_single_transfer: false,
+            no_sg_list_preallocation: false,
+            verifier: None,
+        }
+    }
+
+    /// This configuration with a DMA version override.
+    pub const fn with_version(mut self, version: DmaVersion) -> Self {
+        self.version_override = Some(version);
+        self
+    }
+
+    /// This configuration with an address width override.
+    pub const fn with_address_width(mut self, bits: u8) -> Self {
+        self.address_width_override = bits;
+        self
+    }
+
+    /// This configuration with verifier mode set explicitly.
+    pub const fn with_verifier(mut self, on: bool) -> Self {
+        self.verifier = Some(on);
+        self
+    }
+
+    /// Build a configuration from KMDF's raw fields, with KMDF's checks on them.
+    ///
+    /// # Errors
+    /// [`Error::InfoLengthMismatch`] if `raw.size` is not [`RawEnablerConfig::SIZE`] (statement
+    /// 3); [`Error::InvalidParameter`] for an unknown profile (statement 2), version, or flag bit.
+    pub fn from_raw(raw: &RawEnablerConfig) -> Result<Self> {
+        if raw.size != RawEnablerConfig::SIZE {
+            return Err(Error::InfoLengthMismatch);
+        }
+        let profile = Profile::from_raw(raw.profile)?;
+        let version_override = match raw.wdm_dma_version_override {
+            0 => None,
+            2 => Some(DmaVersion::V2),
+            3 => Some(DmaVersion::V3),
+            _ => return Err(Error::InvalidParameter),
+        };
+        if raw.flags & !(RawEnablerConfig::NO_SGLIST_PREALLOCATION
+            | RawEnablerConfig::REQUIRE_SINGLE_TRANSFER)
+            != 0
+        {
+            return Err(Error::InvalidParameter);
+        }
+        let address_width_override =
+            u8::try_from(raw.address_width_override).map_err(|_| Error::InvalidParameter)?;
+        Ok(Self {
+            profile,
+            maximum_length: raw.maximum_length,
+            address_width_override,
+            version_override,
+            require_single_transfer: raw.flags & RawEnablerConfig::REQUIRE_SINGLE_TRANSFER != 0,
+            no_sg_list_preallocation: raw.flags & RawEnablerConfig::NO_SGLIST_PREALLOCATION != 0,
+            verifier: None,
+        })
+    }
+}
+
+/// KMDF's `WDF_DMA_ENABLER_CONFIG` as untyped fields, for ports that carry configurations as
+/// raw numbers. [`EnablerConfig::from_raw`] validates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawEnablerConfig {
+    /// Must be [`RawEnablerConfig::SIZE`].
+    pub size: u32,
+    /// `WDF_DMA_PROFILE` value (1..=8).
+    pub profile: u32,
+    /// `MaximumLength`.
+    pub maximum_length: u64,
+    /// `AddressWidthOverride`.
+    pub address_width_override: u32,
+    /// `WdmDmaVersionOverride` (0, 2 or 3).
+    pub wdm_dma_version_override: u32,
+    /// `Flags`.
+    pub flags: u32,
+}
+
+impl RawEnablerConfig {
+    /// The size KMDF 1.33 expects in `Size` (the x64 `sizeof(WDF_DMA_ENABLER_CONFIG)`).
+    pub const SIZE: u32 = 0x50;
+    /// `WDF_DMA_ENABLER_CONFIG_NO_SGLIST_PREALLOCATION`.
+    pub const NO_SGLIST_PREALLOCATION: u32 = 1;
+    /// `WDF_DMA_ENABLER_CONFIG_REQUIRE_SINGLE_TRANSFER`.
+    pub const REQUIRE_SINGLE_TRANSFER: u32 = 2;
+
+    /// `WDF_DMA_ENABLER_CONFIG_INIT`: the right size, the profile and length, zeros elsewhere.
+    pub const fn new(profile: u32, maximum_length: u64) -> Self {
+        Self {
+            size: Self::SIZE,
+            profile,
+            maximum_length,
+            address_width_override: 0,
+            wdm_dma_version_override: 0,
+            flags: 0,
+        }
+    }
+}
+
+/// One per-direction adapter record (spec §1.1).
+pub(crate) struct AdapterRecord<A> {
+    pub(crate) adapter: A,
+    /// N: map registers the platform granted.
+    pub(crate) map_registers: u32,
+    /// min(MaximumLength, (N − 1) × PAGE_SIZE).
+    pub(crate) fragment_length: u64,
+}
+
+pub(crate) struct EnablerShared<P: Platform> {
+    pub(crate) device: Arc<DeviceShared<P>>,
+    pub(crate) profile: Profile,
+    pub(crate) version: DmaVersion,
+    pub(crate) address_bits: u8,
+    pub(crate) maximum_length: u64,
+    pub(crate) require_single_transfer: bool,
+    pub(crate) verifier: bool,
+    /// Read record (index 0) and, for duplex enablers, the write record (index 1).
+    pub(crate) records: [Option<AdapterRecord<P::Adapter>>; 2],
+    max_sg_elements: AtomicU32,
+    /// Common-buffer alignment mask (max of device and platform requirements).
+    pub(crate) common_buffer_alignment: u64,
+}
+
+impl<P: Platform> EnablerShared<P> {
+    /// The record serving `direction` (simplex enablers use record 0 for both).
+    pub(crate) fn record(&self, direction: Direction) -> Option<&AdapterRecord<P::Adapter>> {
+        let index = if self.profile.is_duplex() { direction.index() } else { 0 };
+        self.records[index].as_ref()
+    }
+
+    pub(crate) fn max_sg_elements(&self) -> u32 {
+        // ORDERING: an independent setting; KMDF reads it at each Initialize and staging.
+        self.max_sg_elements.load(Ordering::Relaxed)
+    }
+}
+
+/// A DMA enabler: a device's DMA profile, its adapter(s) and limits (KMDF's WDFDMAENABLER).
+///
+/// Cheap to clone; clones name the same enabler. Transactions and common buffers keep it alive.
+///
+/// ```
+/// use dmatx::{DmaDevice, Enabler, EnablerConfig, Profile, Direction};
+/// use dmatx_sim::SimPlatform;
+///
+/// let sim = SimPlatform::new();
+/// let device = DmaDevice::new(sim.clone());
+/// let enabler = Enabler::create(&device, EnablerConfig::new(Profile::ScatterGather64, 1 << 20))?;
+/// // The fragment length is bounded by the platform's map registers: (N − 1) pages.
+/// let n = u64::from(enabler.map_register_count(Direction::ReadFromDevice));
+/// assert_eq!(enabler.fragment_length(Direction::ReadFromDevice), (1 << 20).min((n - 1) * 4096));
+/// # Ok::<(), dmatx::Error>(())
+/// ```
+pub struct Enabler<P: Platform> {
+    pub(crate) shared: Arc<EnablerShared<P>>,
+}
+
+impl<P: Platform> Clone for Enabler<P> {
+    fn clone(&self) -> Self {
+        Self { shared: Arc::clone(&self.shared) }
+    }
+}
+
+/// The DMA version KMDF picks by default on this architecture (spec §1.1 rule 1).
+const fn default_version() -> DmaVersion {
+    if cfg!(any(target_arch = "arm", target_arch = "aarch64")) {
+        DmaVersion::V3
+    } else {
+        DmaVersion::V2
+    }
+}
+
+impl<P: Platform> Enabler<P> {
+    /// Create an enabler for `device` (`WdfDmaEnablerCreate`), selecting the DMA version and
+    /// acquiring the bus-master adapter(s) from the platform.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a zero or over-32-bit `maximum_length` (statement 1), an
+    /// address width override on a system profile (4), above 32 on a 32-bit profile (5), or
+    /// outside 24..=64; a version override below the version the profile needs (6); a
+    /// single-transfer requirement without v3 (7). [`Error::Unsuccessful`] if the platform
+    /// refuses an adapter or grants fewer than two map registers.
+    pub fn create(device: &DmaDevice<P>, config: EnablerConfig) -> Result<Self> {
+        let profile = config.profile;
+        if config.maximum_length == 0 || config.maximum_length > u64::from(u32::MAX) {
+            return Err(Error::InvalidParameter);
+        }
+        let mut version = if profile.is_system() { DmaVersion::V3 } else { default_version() };
+        let mut address_bits = profile.address_bits().unwrap_or(32);
+        let width = config.address_width_override;
+        if width != 0 {
+            let narrow_profile = profile.address_bits() == Some(32) && width > 32;
+            if profile.is_system() || narrow_profile || !(24..=64).contains(&width) {
+                return Err(Error::InvalidParameter);
+            }
+            version = DmaVersion::V3;
+            address_bits = width;
+        }
+        if let Some(over) = config.version_override {
+            if over < version {
+                return Err(Error::InvalidParameter);
+            }
+            version = over;
+        }
+        if config.require_single_transfer && version != DmaVersion::V3 {
+            return Err(Error::InvalidParameter);
+        }
+        let verifier = config.verifier.unwrap_or(cfg!(any(debug_assertions, feature = "verifier")));
+
+        let mut records: [Option<AdapterRecord<P::Adapter>>; 2] = [None, None];
+        if profile.is_bus_master() {
+            let directions: &[Direction] = if profile.is_duplex() {
+                &Direction::ALL
+            } else {
+                &[Direction::ReadFromDevice]
+            };
+            for &direction in directions {
+                let description = DeviceDescription {
+                    bus_master: true,
+                    scatter_gather: profile.is_scatter_gather(),
+                    address_bits,
+                    maximum_length: config.maximum_length,
+                    version,
+                    direction,
+                    duplex: profile.is_duplex(),
+                };
+                let adapter = device
+                    .shared()
+                    .platform
+                    .adapter(&description)
+                    .map_err(|_| Error::Unsuccessful)?;
+                let n = adapter.map_register_count();
+                if n < 2 {
+                    return Err(Error::Unsuccessful);
+                }
+                let fragment_length =
+                    config.maximum_length.min(u64::from(n - 1) * PAGE_SIZE);
+                records[direction.index()] =
+                    Some(AdapterRecord { adapter, map_registers: n, fragment_length });
+            }
+        }
+        // KMDF computes the common-buffer alignment only for SG profiles (a quirk); dmatx does
+        // it for every profile that has an adapter.
+        let common_buffer_alignment =
+            records[0].as_ref().map_or(0, |r| r.adapter.alignment_requirement());
+        Ok(Self {
+            shared: Arc::new(EnablerShared {
+                device: Arc::clone(device.shared()),
+                profile,
+                version,
+                address_bits,
+                maximum_length: config.maximum_length,
+                require_single_transfer: config.require_single_transfer,
+                verifier,
+                records,
+                max_sg_elements: AtomicU32::new(UNLIMITED_FRAGMENTS),
+                common_buffer_alignment,
+            }),
+        })
+    }
+
+    /// The profile the enabler was created with.
+    pub fn profile(&self) -> Profile {
+        self.shared.profile
+    }
+
+    /// The DMA version selected at creation.
+    pub fn version(&self) -> DmaVersion {
+        self.shared.version
+    }
+
+    /// Device address width in bits the adapters were asked for.
+    pub fn address_bits(&self) -> u8 {
+        self.shared.address_bits
+    }
+
+    /// Whether verifier mode is on for this enabler and its transactions.
+    pub fn verifier(&self) -> bool {
+        self.shared.verifier
+    }
+
+    /// `WdfDmaEnablerGetMaximumLength`: the configured maximum transfer length.
+    pub fn maximum_length(&self) -> u64 {
+        self.shared.maximum_length
+    }
+
+    /// `WdfDmaEnablerGetFragmentLength`: the longest transfer for `direction`,
+    /// min(MaximumLength, (N − 1) × PAGE_SIZE); 0 if the direction has no adapter (a system
+    /// enabler not yet configured).
+    pub fn fragment_length(&self, direction: Direction) -> u64 {
+        self.shared.record(direction).map_or(0, |r| r.fragment_length)
+    }
+
+    /// Map registers (N) the platform granted for `direction`, 0 if it has no adapter.
+    pub fn map_register_count(&self, direction: Direction) -> u32 {
+        self.shared.record(direction).map_or(0, |r| r.map_registers)
+    }
+
+    /// `WdfDmaEnablerWdmGetDmaAdapter`: the adapter serving `direction` (the same one for both
+    /// directions of a simplex enabler), or `None` if the direction has no adapter.
+    pub fn adapter(&self, direction: Direction) -> Option<&P::Adapter> {
+        self.shared.record(direction).map(|r| &r.adapter)
+    }
+
+    /// `WdfDmaEnablerGetMaximumScatterGatherElements` ([`UNLIMITED_FRAGMENTS`] until set).
+    pub fn max_sg_elements(&self) -> u32 {
+        self.shared.max_sg_elements()
+    }
+
+    /// `WdfDmaEnablerSetMaximumScatterGatherElements`. Values above 32 bits clamp to
+    /// [`UNLIMITED_FRAGMENTS`]. The value is read at each Initialize and each SG staging, so it
+    /// affects later work only.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for 0; the previous value is kept (statement 10).
+    pub fn set_max_sg_elements(&self, elements: u64) -> Result<()> {
+        if elements == 0 {
+            return Err(Error::InvalidParameter);
+        }
+        let value = u32::try_from(elements).unwrap_or(UNLIMITED_FRAGMENTS);
+        // ORDERING: an independent setting, read with Relaxed at each use.
+        self.shared.max_sg_elements.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The device this enabler belongs to.
+    pub fn is_on(&self, device: &DmaDevice<P>) -> bool {
+        Arc::ptr_eq(&self.shared.device, device.shared())
+    }
+
+    /// Whether a v2 packet transaction of this enabler's device holds the device-wide packet
+    /// slot right now.
+    pub fn packet_slot_taken(&self) -> bool {
+        self.shared.device.packet_slot_taken()
+    }
+}

@@ -1,0 +1,1060 @@
+//! The DMA transaction (KMDF's WDFDMATRANSACTION): one logical job cut into transfers.
+//!
+//! Spec §1.2 (state), §2.2–§2.5 (methods), §3.1 (state machine), §3.2 (splitting), §3.3
+//! (starting), §3.4 (completion), §3.5 (staging/completion races), §3.6 (cancel), §3.11 (reuse).
+//!
+//! # How the races are kept apart
+//! One small lock per transaction guards its state. Driver callbacks never run under it. A
+//! transfer is *prepared* (its length computed, its map registers obtained: the steps that can
+//! fail, done by the caller who can be told) and then *staged* (mapped and handed to the
+//! driver's program-DMA callback, which cannot fail). Only one thread stages at a time, the
+//! *stager*: a completion that prepares the next transfer while a stager is inside program-DMA —
+//! from inside the callback or from another thread — leaves it `ready` for the stager, which
+//! maps and programs it after the callback returns. So program-DMA never nests, for every kind
+//! (KMDF nests for scatter/gather; `docs/quirks.md`).
+
+use crate::enabler::{Enabler, EnablerShared};
+use crate::split;
+use crate::sync::{Arc, Mutex, MutexGuard, Weak};
+use alloc::vec::Vec;
+use core::fmt;
+use core::num::NonZeroU32;
+use dmatx_hal::{
+    Adapter, Allocation, AllocationRequest, AllocationWaiter, MapRegisters, MemoryDescriptor,
+    Platform, Waiter,
+};
+use dmatx_types::{
+    Call, Direction, DmaVersion, Error, Misuse, Result, SgElement, State, TransactionKind,
+    VirtAddr,
+};
+
+/// The driver's program-DMA callback (`EvtProgramDma`): program the device with one transfer.
+///
+/// Arguments: the transaction, the context given to [`Transaction::execute`], the direction,
+/// and the transfer's scatter/gather list (exactly one element for packet transactions). The
+/// list is lent for the call only. The return value is ignored, as in KMDF: to abort, call
+/// [`Transaction::dma_completed_final`].
+///
+/// The callback may call any method of the transaction, including completing the transfer it
+/// was just given; the next transfer is then programmed after this call returns, on this thread.
+pub type ProgramDma<P, C, B> = fn(&Transaction<P, C, B>, &C, Direction, &[SgElement]) -> bool;
+
+/// The answer of a `dma_completed*` call.
+#[must_use = "Finished means the transaction is over and the driver completes its request; \
+              MoreProcessingRequired means it must not touch the transaction"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// KMDF's `TRUE`: the transaction is over, successfully or with the error given. Its bytes
+    /// are in [`Transaction::bytes_transferred`]; release it to get the buffer back.
+    Finished(Result<()>),
+    /// KMDF's `FALSE` with `STATUS_MORE_PROCESSING_REQUIRED`: the next transfer has been
+    /// programmed or queued. Do not touch the transaction: program-DMA may already have run.
+    MoreProcessingRequired,
+}
+
+impl Completion {
+    /// Whether the transaction is over.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, Completion::Finished(_))
+    }
+
+    /// The NTSTATUS KMDF would report with this answer.
+    pub fn nt_status(&self) -> u32 {
+        match self {
+            Completion::Finished(Ok(())) => 0,
+            Completion::Finished(Err(e)) => e.nt_status(),
+            Completion::MoreProcessingRequired => 0xC000_0016,
+        }
+    }
+}
+
+/// An error that hands the caller's buffer back: an initialize that fails returns the buffer it
+/// was given, so nothing is lost.
+pub struct BufferError<B> {
+    /// What went wrong.
+    pub error: Error,
+    /// The buffer, unchanged.
+    pub buffer: B,
+}
+
+impl<B> fmt::Debug for BufferError<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferError").field("error", &self.error).finish_non_exhaustive()
+    }
+}
+
+impl<B> fmt::Display for BufferError<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<B> core::error::Error for BufferError<B> {}
+
+/// What a transaction would need to run in one transfer (`WdfDmaTransactionGetTransferInfo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferInfo {
+    /// Map registers the whole transaction spans (pages, counted per segment).
+    pub map_registers: u64,
+    /// Scatter/gather elements in the worst case (the same page count, as KMDF v2 counts).
+    pub sg_elements: u64,
+}
+
+/// How a transfer was reported done.
+#[derive(Clone, Copy)]
+enum Done {
+    Full,
+    WithLength(u64),
+    Final(u64),
+}
+
+impl Done {
+    fn call(self) -> Call {
+        match self {
+            Done::Full => Call::DmaCompleted,
+            Done::WithLength(_) => Call::DmaCompletedWithLength,
+            Done::Final(_) => Call::DmaCompletedFinal,
+        }
+    }
+}
+
+/// Outcome of preparing a transfer.
+enum Prepared {
+    /// Registers are held: the transfer is ready to be staged.
+    Ready,
+    /// The registers were asked for and the request is queued.
+    Queued,
+}
+
+/// State guarded by the transaction's lock.
+struct Inner<P: Platform, C, B> {
+    state: State,
+    direction: Direction,
+    buffer: Option<B>,
+    program_dma: Option<ProgramDma<P, C, B>>,
+    context: Option<C>,
+    /// Chain offset of the first byte.
+    offset: u64,
+    /// Total bytes.
+    length: u64,
+    /// Bytes reported done so far.
+    transferred: u64,
+    /// Length of the transfer programmed now (0 when none).
+    current: u64,
+    /// Length of the prepared transfer waiting to be staged.
+    next: u64,
+    /// F: this transaction's largest transfer.
+    max_transfer: u64,
+    single_transfer: bool,
+    immediate: bool,
+    /// Packet: the run's registers (Execute → final completion). SG: the current transfer's.
+    registers: Option<MapRegisters>,
+    /// A register request of this transaction is queued in the adapter.
+    queued: bool,
+    /// A prepared transfer holds its registers and waits for the stager.
+    ready: bool,
+    /// A transfer is mapped and handed to the driver; its completion is due.
+    programmed: bool,
+    /// A thread is running the staging loop.
+    staging: bool,
+    /// This transaction holds its device's v2 packet slot.
+    holds_packet_slot: bool,
+}
+
+/// Resources taken out of a transaction under its lock, to be returned after the lock is
+/// dropped (returning registers can run other transactions' callbacks; dropping a context can
+/// run driver code).
+struct Leftovers<C> {
+    registers: Option<MapRegisters>,
+    context: Option<C>,
+    packet_slot: bool,
+}
+
+/// A DMA transaction (KMDF's WDFDMATRANSACTION).
+///
+/// Created with [`Transaction::create`], which returns an `Arc`: the handle is shared with the
+/// platform while a register request is queued and with the thread staging a transfer. Dropping
+/// the last `Arc` deletes it (`WdfObjectDelete`).
+///
+/// `P` is the platform, `C` the execute context handed to every program-DMA call (cloned for
+/// each call, so make it cheap to clone: an `Arc`, a reference or a small value), and `B` the
+/// buffer type, which the transaction owns from initialize until it is released.
+///
+/// # Example
+/// ```
+/// use dmatx::{Completion, Direction, DmaDevice, Enabler, EnablerConfig, Profile, SgElement,
+///             Transaction};
+/// use dmatx_sim::{SimBuffer, SimPlatform};
+///
+/// let sim = SimPlatform::new();
+/// let device = DmaDevice::new(sim.clone());
+/// let enabler = Enabler::create(&device, EnablerConfig::new(Profile::ScatterGather64, 16384))?;
+/// let t: std::sync::Arc<Transaction<SimPlatform, (), SimBuffer>> = Transaction::create(&enabler)?;
+///
+/// // The program-DMA callback would write the SG list to the device; here it just looks.
+/// fn program(t: &Transaction<SimPlatform, (), SimBuffer>, _: &(), _: Direction,
+///            sg: &[SgElement]) -> bool {
+///     assert!(!sg.is_empty());
+///     true
+/// }
+///
+/// let buffer = sim.allocate_buffer(40_000, 0x80).unwrap();
+/// t.initialize_using_offset(program, Direction::WriteToDevice, buffer, 0, 40_000)
+///     .map_err(|e| e.error)?;
+/// t.execute(())?;
+/// // The "device" finishes each transfer at once.
+/// while t.dma_completed()? == Completion::MoreProcessingRequired {}
+/// assert_eq!(t.bytes_transferred(), 40_000);
+/// let buffer = t.release()?.expect("the buffer comes back");
+/// assert_eq!(buffer.len(), 40_000);
+/// # drop(buffer);
+/// # sim.check_clean().unwrap();
+/// # Ok::<(), dmatx::Error>(())
+/// ```
+pub struct Transaction<P: Platform, C, B> {
+    enabler: Arc<EnablerShared<P>>,
+    kind: TransactionKind,
+    this: Weak<Self>,
+    inner: Mutex<Inner<P, C, B>>,
+    /// SG storage of the transfer being staged, preallocated at creation. Locked only by the
+    /// stager, while it maps and while program-DMA reads the list.
+    staging_area: Mutex<Vec<SgElement>>,
+}
+
+impl<P, C, B> Transaction<P, C, B>
+where
+    P: Platform,
+    C: Clone + Send + Sync + 'static,
+    B: MemoryDescriptor,
+{
+    /// Create a transaction of the kind the enabler's profile implies
+    /// (`WdfDmaTransactionCreate`). Its SG storage is allocated now, sized for the adapter's
+    /// map registers, so nothing later allocates.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`] for a system-mode enabler (system-mode transactions are
+    /// not available yet); [`Error::InsufficientResources`] if the platform cannot take another
+    /// queued request.
+    pub fn create(enabler: &Enabler<P>) -> Result<Arc<Self>> {
+        let shared = &enabler.shared;
+        let kind = shared.profile.transaction_kind();
+        if kind == TransactionKind::System {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let records: Vec<_> = shared.records.iter().flatten().collect();
+        for (done, record) in records.iter().enumerate() {
+            if let Err(e) = record.adapter.register_waiter() {
+                for earlier in &records[..done] {
+                    earlier.adapter.unregister_waiter();
+                }
+                return Err(e);
+            }
+        }
+        let capacity = match kind {
+            TransactionKind::ScatterGather => {
+                records.iter().map(|r| r.map_registers as usize).max().unwrap_or(1)
+            }
+            _ => 1,
+        };
+        let mut area = Vec::with_capacity(capacity);
+        area.resize(capacity, SgElement::default());
+        let single_transfer = shared.require_single_transfer;
+        Ok(Arc::new_cyclic(|this| Self {
+            enabler: Arc::clone(shared),
+            kind,
+            this: this.clone(),
+            inner: Mutex::new(Inner {
+                state: State::Created,
+                direction: Direction::ReadFromDevice,
+                buffer: None,
+                program_dma: None,
+                context: None,
+                offset: 0,
+                length: 0,
+                transferred: 0,
+                current: 0,
+                next: 0,
+                max_transfer: 0,
+                single_transfer,
+                immediate: false,
+                registers: None,
+                queued: false,
+                ready: false,
+                programmed: false,
+                staging: false,
+                holds_packet_slot: false,
+            }),
+            staging_area: Mutex::new(area),
+        }))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Initialize (spec §2.2)
+
+    /// Initialize with a buffer, the virtual address of its first byte to transfer, and a
+    /// length (`WdfDmaTransactionInitialize`). `va` must lie in the buffer's first segment.
+    ///
+    /// # Errors
+    /// As [`Transaction::initialize_using_offset`]; [`Error::InvalidParameter`] when `va` lies
+    /// outside the first segment (statement 19). The buffer comes back in the error.
+    pub fn initialize(
+        &self,
+        program_dma: ProgramDma<P, C, B>,
+        direction: Direction,
+        buffer: B,
+        va: VirtAddr,
+        length: u64,
+    ) -> Result<(), BufferError<B>> {
+        let first = buffer.segment(0);
+        let offset = match va.offset_from(first.va) {
+            Some(o) if o < first.length => o,
+            _ => return Err(BufferError { error: Error::InvalidParameter, buffer }),
+        };
+        self.initialize_using_offset(program_dma, direction, buffer, offset, length)
+    }
+
+    /// Initialize with a buffer, a byte offset into it and a length
+    /// (`WdfDmaTransactionInitializeUsingOffset`). The transaction owns the buffer until
+    /// [`Transaction::release`] gives it back; on error it comes back at once.
+    ///
+    /// # Errors
+    /// Checked before the state, leaving the transaction as it was: [`Error::InvalidParameter`]
+    /// for a zero length (statement 18), a length of 4 GiB or more, an offset outside the first
+    /// segment (20), or, on a v2 packet enabler, a range running past the first segment (21);
+    /// [`Error::BufferTooSmall`] if the range runs past the end of the buffer. Then
+    /// [`Error::Misuse`] if the state is not Created, Reserved or Released (27, 28). Then,
+    /// leaving the transaction Released (29): [`Error::WdfTooFragmented`] if a transfer would
+    /// need more SG elements than allowed (30, 31); for single-transfer transactions
+    /// [`Error::WdfTooManyTransfers`] (33), [`Error::WdfNotEnoughMapRegisters`] (34),
+    /// [`Error::WdfTooFragmented`] (35).
+    pub fn initialize_using_offset(
+        &self,
+        program_dma: ProgramDma<P, C, B>,
+        direction: Direction,
+        buffer: B,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), BufferError<B>> {
+        let result = self.initialize_inner(program_dma, direction, buffer, offset, length);
+        if let Err(e) = &result {
+            self.verify(&e.error);
+        }
+        result
+    }
+
+    fn initialize_inner(
+        &self,
+        program_dma: ProgramDma<P, C, B>,
+        direction: Direction,
+        buffer: B,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), BufferError<B>> {
+        let refuse = |error, buffer| Err(BufferError { error, buffer });
+        if length == 0 || length > u64::from(u32::MAX) || buffer.segment_count() == 0 {
+            return refuse(Error::InvalidParameter, buffer);
+        }
+        let first_length = buffer.segment(0).length;
+        if offset >= first_length {
+            return refuse(Error::InvalidParameter, buffer);
+        }
+        let end = offset.checked_add(length);
+        if end.is_none_or(|end| end > buffer.total_length()) {
+            return refuse(Error::BufferTooSmall, buffer);
+        }
+        let v2_packet =
+            self.kind == TransactionKind::Packet && self.enabler.version == DmaVersion::V2;
+        if v2_packet && end.is_some_and(|end| end > first_length) {
+            return refuse(Error::InvalidParameter, buffer);
+        }
+        let Some(record) = self.enabler.record(direction) else {
+            return refuse(Error::InvalidDeviceRequest, buffer);
+        };
+
+        let mut g = self.inner.lock();
+        if !matches!(g.state, State::Created | State::Reserved | State::Released) {
+            let error = self.misuse(Call::Initialize, g.state, INIT_STATE);
+            return refuse(error, buffer);
+        }
+        let max_sg = u64::from(self.enabler.max_sg_elements());
+        let mut max_transfer = record.fragment_length;
+        let checked = if g.single_transfer {
+            max_transfer = self.enabler.maximum_length;
+            let pages = split::pages_in_range(&buffer, offset, length);
+            let elements = split::physical_runs(&buffer, offset, length);
+            if length > max_transfer {
+                Err(Error::WdfTooManyTransfers)
+            } else if pages > u64::from(record.map_registers) {
+                Err(Error::WdfNotEnoughMapRegisters)
+            } else if elements > max_sg
+                || (self.kind == TransactionKind::Packet && elements > 1)
+            {
+                Err(Error::WdfTooFragmented)
+            } else {
+                Ok(())
+            }
+        } else if self.kind == TransactionKind::ScatterGather
+            && split::first_too_fragmented(&buffer, offset, length, max_transfer, max_sg)
+                .is_some()
+        {
+            Err(Error::WdfTooFragmented)
+        } else {
+            Ok(())
+        };
+        if let Err(error) = checked {
+            let leftovers = self.reset(&mut g);
+            drop(g);
+            self.dispose(leftovers);
+            return refuse(error, buffer);
+        }
+        g.state = State::Initialized;
+        g.direction = direction;
+        g.buffer = Some(buffer);
+        g.program_dma = Some(program_dma);
+        g.offset = offset;
+        g.length = length;
+        g.transferred = 0;
+        g.current = 0;
+        g.next = 0;
+        g.max_transfer = max_transfer;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Execute (spec §2.2, §3.3)
+
+    /// Start the transaction (`WdfDmaTransactionExecute`): `context` is handed to every
+    /// program-DMA call of this run. On success the first transfer has been programmed or its
+    /// map registers are queued; program-DMA may already have run, and the transaction may even
+    /// have finished, before this returns.
+    ///
+    /// # Errors
+    /// [`Error::Misuse`] unless Initialized (statements 38, 39); [`Error::WdfBusy`] if another v2
+    /// packet transaction of the device is active (47); [`Error::InsufficientResources`] under
+    /// immediate execution when the registers are not free (51);
+    /// [`Error::WdfTooFragmented`] if the first SG transfer is too fragmented. After an error
+    /// other than misuse the transaction is TransferFailed and must be released (54).
+    pub fn execute(&self, context: C) -> Result<()> {
+        let result = self.execute_inner(context);
+        if let Err(e) = &result {
+            self.verify(e);
+        }
+        result
+    }
+
+    fn execute_inner(&self, context: C) -> Result<()> {
+        let mut g = self.inner.lock();
+        if g.state != State::Initialized {
+            return Err(self.misuse(Call::Execute, g.state, EXECUTE_STATE));
+        }
+        if self.kind == TransactionKind::Packet && self.enabler.version == DmaVersion::V2 {
+            if !self.enabler.device.try_take_packet_slot() {
+                g.state = State::TransferFailed;
+                return Err(Error::WdfBusy);
+            }
+            g.holds_packet_slot = true;
+        }
+        g.state = State::Transfer;
+        g.context = Some(context);
+        let prepared = match self.kind {
+            TransactionKind::Packet => self.prepare_packet_run(&mut g),
+            _ => self.prepare_sg(&mut g),
+        };
+        match prepared {
+            Err(e) => {
+                let leftovers = self.finish(&mut g, State::TransferFailed);
+                drop(g);
+                self.dispose(leftovers);
+                Err(e)
+            }
+            Ok(Prepared::Queued) => Ok(()),
+            Ok(Prepared::Ready) if g.staging => Ok(()),
+            Ok(Prepared::Ready) => match self.stage(g) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Packet run: the first transfer's length and the registers for the whole run (§3.2.1).
+    fn prepare_packet_run(&self, g: &mut Inner<P, C, B>) -> Result<Prepared> {
+        let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let count = split::packet_run_registers(buffer, g.offset, g.length, g.max_transfer);
+        g.next = g.length.min(g.max_transfer);
+        self.allocate(g, count)
+    }
+
+    /// Scatter/gather: the next transfer's length, fitted to the map registers and checked
+    /// against the SG element limit, and its registers (§3.2.3).
+    fn prepare_sg(&self, g: &mut Inner<P, C, B>) -> Result<Prepared> {
+        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let position = g.offset + g.transferred;
+        let left = g.length - g.transferred;
+        let want = left.min(g.max_transfer);
+        let (bytes, pages) = if g.single_transfer {
+            (want, split::pages_in_range(buffer, position, want))
+        } else {
+            split::fit_to_registers(buffer, position, want, u64::from(record.map_registers))
+        };
+        if pages > u64::from(self.enabler.max_sg_elements()) {
+            return Err(Error::WdfTooFragmented);
+        }
+        g.next = bytes;
+        self.allocate(g, pages)
+    }
+
+    /// Ask the direction's adapter for `count` registers.
+    fn allocate(&self, g: &mut Inner<P, C, B>, count: u64) -> Result<Prepared> {
+        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let count = u32::try_from(count)
+            .ok()
+            .and_then(NonZeroU32::new)
+            .ok_or(Error::InsufficientResources)?;
+        let waiter = self.waiter().ok_or(Error::InvalidDeviceState)?;
+        let request = AllocationRequest { count, immediate: g.immediate };
+        match record.adapter.allocate(request, &waiter)? {
+            Allocation::Granted(registers) => {
+                g.registers = Some(registers);
+                g.ready = true;
+                Ok(Prepared::Ready)
+            }
+            Allocation::Queued => {
+                g.queued = true;
+                Ok(Prepared::Queued)
+            }
+        }
+    }
+
+    /// Become the stager and stage ready transfers until none is left. Returns an error only if
+    /// the platform failed to map a transfer, which finished the transaction.
+    fn stage<'a>(&'a self, mut g: MutexGuard<'a, Inner<P, C, B>>) -> Option<Error> {
+        // Keep the object alive for the whole loop: the driver may drop its last handle from
+        // inside program-DMA (statement 72).
+        let _alive = self.this.upgrade();
+        g.staging = true;
+        loop {
+            g.ready = false;
+            let mut area = self.staging_area.lock();
+            let limit = match self.kind {
+                TransactionKind::ScatterGather => {
+                    area.len().min(self.enabler.max_sg_elements() as usize)
+                }
+                _ => 1,
+            };
+            let mapped = self.map_next(&g, &mut area[..limit]);
+            let elements = match mapped {
+                Ok(m) => {
+                    // The platform may map fewer bytes than asked; the rest stays to do.
+                    g.current = m.bytes;
+                    g.programmed = true;
+                    m.elements
+                }
+                Err(e) => {
+                    drop(area);
+                    let leftovers = self.finish(&mut g, State::TransferFailed);
+                    g.staging = false;
+                    drop(g);
+                    self.dispose(leftovers);
+                    return Some(e);
+                }
+            };
+            let direction = g.direction;
+            let (Some(program_dma), Some(context)) = (g.program_dma, g.context.clone()) else {
+                // Unreachable: a ready transfer always has both; stop staging rather than panic.
+                g.staging = false;
+                return Some(Error::InvalidDeviceState);
+            };
+            drop(g);
+            program_dma(self, &context, direction, &area[..elements]);
+            drop(area);
+            drop(context);
+            g = self.inner.lock();
+            if !g.ready {
+                g.staging = false;
+                return None;
+            }
+        }
+    }
+
+    fn map_next(
+        &self,
+        g: &Inner<P, C, B>,
+        out: &mut [SgElement],
+    ) -> Result<dmatx_hal::Mapping> {
+        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let registers = g.registers.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let position = g.offset + g.transferred;
+        record.adapter.map(registers, buffer, position, g.next, g.direction, out)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Completion (spec §2.3, §3.4)
+
+    /// The whole current transfer is done (`WdfDmaTransactionDmaCompleted`).
+    ///
+    /// # Errors
+    /// [`Error::Misuse`] if the transaction is not executing or no transfer is programmed
+    /// (completion before execute, twice for one transfer, or after the transaction finished:
+    /// statements 56, 57). DMA outcomes come in [`Completion::Finished`].
+    pub fn dma_completed(&self) -> Result<Completion> {
+        self.complete(Done::Full)
+    }
+
+    /// `length` bytes of the current transfer are done; the rest is transferred again
+    /// (`WdfDmaTransactionDmaCompletedWithLength`). A length larger than the transfer finishes
+    /// the transaction with [`Error::InvalidParameter`] (statement 58); 0 re-issues the same
+    /// bytes (61).
+    ///
+    /// # Errors
+    /// As [`Transaction::dma_completed`].
+    pub fn dma_completed_with_length(&self, length: u64) -> Result<Completion> {
+        self.complete(Done::WithLength(length))
+    }
+
+    /// `length` bytes of the current transfer are done and no more transfers are wanted
+    /// (`WdfDmaTransactionDmaCompletedFinal`, an underrun or an abort). Finishes the
+    /// transaction: successfully, or with [`Error::InvalidParameter`] if `length` exceeds the
+    /// transfer (statement 59), or [`Error::WdfTooManyTransfers`] on a single-transfer
+    /// transaction with bytes left (65).
+    ///
+    /// # Errors
+    /// As [`Transaction::dma_completed`].
+    pub fn dma_completed_final(&self, length: u64) -> Result<Completion> {
+        self.complete(Done::Final(length))
+    }
+
+    fn complete(&self, done: Done) -> Result<Completion> {
+        let result = self.complete_inner(done);
+        if let Err(e) = &result {
+            self.verify(e);
+        }
+        result
+    }
+
+    fn complete_inner(&self, done: Done) -> Result<Completion> {
+        let mut g = self.inner.lock();
+        if g.state != State::Transfer {
+            return Err(self.misuse(done.call(), g.state, COMPLETE_STATE));
+        }
+        if !g.programmed {
+            return Err(self.misuse(done.call(), g.state, COMPLETE_UNPROGRAMMED));
+        }
+        g.programmed = false;
+        let current = g.current;
+        let (bytes, is_final) = match done {
+            Done::Full => (current, false),
+            Done::WithLength(n) => (n, false),
+            Done::Final(n) => (n, true),
+        };
+        // Per-transfer teardown. KMDF skips it when the length is invalid; dmatx always ends
+        // the mapping so no register or mapping is lost (docs/quirks.md).
+        let flushed = self.flush_current(&g);
+        g.current = 0;
+        let transfer_registers = match self.kind {
+            TransactionKind::ScatterGather => g.registers.take(),
+            _ => None,
+        };
+        let mut status = if bytes > current {
+            Err(Error::InvalidParameter)
+        } else {
+            g.transferred += bytes;
+            flushed
+        };
+        let left = g.length - g.transferred;
+        if status.is_ok() && g.single_transfer && left > 0 {
+            status = Err(Error::WdfTooManyTransfers);
+        }
+        if status.is_err() || left == 0 || is_final {
+            let state = if status.is_ok() { State::TransferCompleted } else { State::TransferFailed };
+            let mut leftovers = self.finish(&mut g, state);
+            leftovers.registers = leftovers.registers.or(transfer_registers);
+            drop(g);
+            self.dispose(leftovers);
+            return Ok(Completion::Finished(status));
+        }
+
+        // More to do: prepare the next transfer.
+        let prepared = match self.kind {
+            TransactionKind::Packet => {
+                g.next = left.min(g.max_transfer);
+                g.ready = true;
+                Ok(Prepared::Ready)
+            }
+            _ => {
+                // Return this transfer's registers before asking for the next one's, as KMDF
+                // puts the list back before building the next: a transfer may need them all.
+                drop(g);
+                if let Some(registers) = transfer_registers {
+                    self.return_registers(registers);
+                }
+                g = self.inner.lock();
+                self.prepare_sg(&mut g)
+            }
+        };
+        match prepared {
+            Err(e) => {
+                let leftovers = self.finish(&mut g, State::TransferFailed);
+                drop(g);
+                self.dispose(leftovers);
+                Ok(Completion::Finished(Err(e)))
+            }
+            Ok(Prepared::Queued) => Ok(Completion::MoreProcessingRequired),
+            Ok(Prepared::Ready) if g.staging => Ok(Completion::MoreProcessingRequired),
+            Ok(Prepared::Ready) => match self.stage(g) {
+                Some(e) => Ok(Completion::Finished(Err(e))),
+                None => Ok(Completion::MoreProcessingRequired),
+            },
+        }
+    }
+
+    /// End the current transfer's mapping (bounced data is copied back).
+    fn flush_current(&self, g: &Inner<P, C, B>) -> Result<()> {
+        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let registers = g.registers.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let position = g.offset + g.transferred;
+        record.adapter.flush(registers, buffer, position, g.current, g.direction)
+    }
+
+    /// Finish the run: set the final state and take out the per-run resources.
+    fn finish(&self, g: &mut Inner<P, C, B>, state: State) -> Leftovers<C> {
+        g.state = state;
+        g.current = 0;
+        g.next = 0;
+        g.ready = false;
+        g.programmed = false;
+        g.queued = false;
+        let packet_slot = core::mem::take(&mut g.holds_packet_slot);
+        Leftovers { registers: g.registers.take(), context: g.context.take(), packet_slot }
+    }
+
+    /// Return what [`Transaction::finish`] or [`Transaction::reset`] took out. Call with no
+    /// lock held.
+    fn dispose(&self, leftovers: Leftovers<C>) {
+        if let Some(registers) = leftovers.registers {
+            self.return_registers(registers);
+        }
+        if leftovers.packet_slot {
+            self.enabler.device.give_back_packet_slot();
+        }
+        drop(leftovers.context);
+    }
+
+    fn return_registers(&self, registers: MapRegisters) {
+        let direction = self.inner.lock().direction;
+        if let Some(record) = self.enabler.record(direction) {
+            record.adapter.free(registers);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Release, cancel (spec §2.2, §2.5, §3.6, §3.11)
+
+    /// Release the transaction for reuse (`WdfDmaTransactionRelease`) and get its buffer back.
+    /// Releasing a Released transaction does nothing and returns `None` (statement 74).
+    ///
+    /// # Errors
+    /// [`Error::Misuse`] while executing (75): the device may still be using the buffer.
+    pub fn release(&self) -> Result<Option<B>> {
+        let result = self.release_inner();
+        if let Err(e) = &result {
+            self.verify(e);
+        }
+        result
+    }
+
+    fn release_inner(&self) -> Result<Option<B>> {
+        let mut g = self.inner.lock();
+        match g.state {
+            State::Released => Ok(None),
+            State::Transfer => Err(self.misuse(Call::Release, g.state, RELEASE_STATE)),
+            _ => {
+                let buffer = g.buffer.take();
+                let leftovers = self.reset(&mut g);
+                drop(g);
+                self.dispose(leftovers);
+                Ok(buffer)
+            }
+        }
+    }
+
+    /// Reset every per-initialization field (Release, or a failed Initialize).
+    fn reset(&self, g: &mut Inner<P, C, B>) -> Leftovers<C> {
+        let leftovers = self.finish(g, State::Released);
+        g.program_dma = None;
+        g.offset = 0;
+        g.length = 0;
+        g.transferred = 0;
+        g.max_transfer = 0;
+        g.immediate = false;
+        g.single_transfer = self.enabler.require_single_transfer;
+        leftovers
+    }
+
+    /// Cancel a queued start (`WdfDmaTransactionCancel`, v3). `Ok(true)`: the register request
+    /// was queued and is withdrawn, program-DMA will not run, the transaction is TransferFailed
+    /// (statement 82); the caller completes the request and releases. `Ok(false)`: nothing was
+    /// queued (81, 83), or the enabler is v2 (84).
+    ///
+    /// # Errors
+    /// [`Error::Misuse`] in Created or Released on a v3 enabler (84).
+    pub fn cancel(&self) -> Result<bool> {
+        let result = self.cancel_inner();
+        if let Err(e) = &result {
+            self.verify(e);
+        }
+        result
+    }
+
+    fn cancel_inner(&self) -> Result<bool> {
+        if self.enabler.version == DmaVersion::V2 {
+            return Ok(false);
+        }
+        let mut g = self.inner.lock();
+        if matches!(g.state, State::Created | State::Released) {
+            return Err(self.misuse(Call::Cancel, g.state, CANCEL_STATE));
+        }
+        if !g.queued {
+            return Ok(false);
+        }
+        let (Some(record), Some(waiter)) = (self.enabler.record(g.direction), self.waiter())
+        else {
+            return Ok(false);
+        };
+        if !record.adapter.cancel_allocation(&waiter) {
+            return Ok(false);
+        }
+        let leftovers = self.finish(&mut g, State::TransferFailed);
+        drop(g);
+        self.dispose(leftovers);
+        Ok(true)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Queries and tuning (spec §2.4)
+
+    /// The transaction's state.
+    pub fn state(&self) -> State {
+        self.inner.lock().state
+    }
+
+    /// The kind of transaction (from the enabler's profile).
+    pub fn kind(&self) -> TransactionKind {
+        self.kind
+    }
+
+    /// The direction of the current initialization.
+    pub fn direction(&self) -> Direction {
+        self.inner.lock().direction
+    }
+
+    /// `WdfDmaTransactionGetBytesTransferred`: bytes reported done so far; kept after the
+    /// transaction finishes, 0 after release (statements 42, 69, 77).
+    pub fn bytes_transferred(&self) -> u64 {
+        self.inner.lock().transferred
+    }
+
+    /// `WdfDmaTransactionGetCurrentDmaTransferLength`: the programmed transfer's length; 0 when
+    /// none is programmed (69).
+    pub fn current_transfer_length(&self) -> u64 {
+        self.inner.lock().current
+    }
+
+    /// The total length of the current initialization.
+    pub fn length(&self) -> u64 {
+        self.inner.lock().length
+    }
+
+    /// The largest transfer this transaction will program (F).
+    pub fn maximum_transfer_length(&self) -> u64 {
+        self.inner.lock().max_transfer
+    }
+
+    /// `WdfDmaTransactionSetMaximumLength`: lower the largest transfer. Applies only if
+    /// `length` is below the direction's fragment length (statement 46); returns whether it
+    /// applied. Does not re-run the SG pre-check (32).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for 0; [`Error::InvalidDeviceRequest`] unless Initialized
+    /// (before Initialize it would be overwritten; see `docs/quirks.md`).
+    pub fn set_maximum_length(&self, length: u64) -> Result<bool> {
+        if length == 0 {
+            return Err(Error::InvalidParameter);
+        }
+        let mut g = self.inner.lock();
+        if g.state != State::Initialized {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let fragment = self.enabler.record(g.direction).map_or(0, |r| r.fragment_length);
+        if length < fragment {
+            g.max_transfer = length;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// `WdfDmaTransactionSetSingleTransferRequirement` (v3): the next initialization must fit
+    /// in one transfer. Reset to the enabler's default by release (37).
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a v2 enabler or unless Created,
+    /// Reserved or Released (36).
+    pub fn set_single_transfer_requirement(&self, required: bool) -> Result<()> {
+        if self.enabler.version != DmaVersion::V3 {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let mut g = self.inner.lock();
+        if !matches!(g.state, State::Created | State::Reserved | State::Released) {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        g.single_transfer = required;
+        Ok(())
+    }
+
+    /// Whether the transaction must complete in a single transfer.
+    pub fn single_transfer_requirement(&self) -> bool {
+        self.inner.lock().single_transfer
+    }
+
+    /// `WdfDmaTransactionSetImmediateExecution` (v3): execute gets its map registers at once
+    /// or fails with [`Error::InsufficientResources`], never queues. Cleared by release.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a v2 enabler (statement 53) or unless
+    /// Created, Reserved, Initialized or Released.
+    pub fn set_immediate_execution(&self, immediate: bool) -> Result<()> {
+        if self.enabler.version != DmaVersion::V3 {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let mut g = self.inner.lock();
+        if !matches!(
+            g.state,
+            State::Created | State::Reserved | State::Initialized | State::Released
+        ) {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        g.immediate = immediate;
+        Ok(())
+    }
+
+    /// Whether immediate execution is on.
+    pub fn immediate_execution(&self) -> bool {
+        self.inner.lock().immediate
+    }
+
+    /// `WdfDmaTransactionGetTransferInfo`: registers and worst-case SG elements the whole
+    /// initialized range spans.
+    ///
+    /// # Errors
+    /// [`Error::Misuse`] unless Initialized.
+    pub fn transfer_info(&self) -> Result<TransferInfo> {
+        let result = {
+            let g = self.inner.lock();
+            match (g.state, g.buffer.as_ref()) {
+                (State::Initialized, Some(buffer)) => {
+                    let pages = split::pages_in_range(buffer, g.offset, g.length);
+                    Ok(TransferInfo { map_registers: pages, sg_elements: pages })
+                }
+                (state, _) => Err(self.misuse(Call::GetTransferInfo, state, INFO_STATE)),
+            }
+        };
+        if let Err(e) = &result {
+            self.verify(e);
+        }
+        result
+    }
+
+    /// The enabler this transaction belongs to.
+    pub fn enabler(&self) -> Enabler<P> {
+        Enabler { shared: Arc::clone(&self.enabler) }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Misuse reporting
+
+    fn waiter(&self) -> Option<Waiter> {
+        let this: Arc<Self> = self.this.upgrade()?;
+        Some(this)
+    }
+
+    fn misuse(&self, call: Call, state: State, reason: &'static str) -> Error {
+        Error::Misuse(Misuse { call, state, reason })
+    }
+
+    /// Verifier mode: a misuse panics with its diagnostic (after every lock is dropped).
+    fn verify(&self, error: &Error) {
+        if let (true, Some(m)) = (self.enabler.verifier, error.misuse()) {
+            panic!("{m}");
+        }
+    }
+}
+
+const INIT_STATE: &str =
+    "initialize needs a Created, Reserved or Released transaction; release it first";
+const EXECUTE_STATE: &str = "execute needs an Initialized transaction";
+const COMPLETE_STATE: &str = "the transaction is not executing";
+const COMPLETE_UNPROGRAMMED: &str =
+    "no transfer is programmed: completion before program-DMA, or twice for one transfer";
+const RELEASE_STATE: &str = "the device may still be using the buffer; complete the transfer first";
+const CANCEL_STATE: &str = "cancel needs an initialized or executing transaction";
+const INFO_STATE: &str = "transfer info needs an Initialized transaction";
+
+impl<P, C, B> AllocationWaiter for Transaction<P, C, B>
+where
+    P: Platform,
+    C: Clone + Send + Sync + 'static,
+    B: MemoryDescriptor,
+{
+    fn granted(&self, registers: MapRegisters) {
+        let mut g = self.inner.lock();
+        if !g.queued || g.state != State::Transfer {
+            // Not waiting (cannot happen with a backend that keeps the contract): give the
+            // registers straight back rather than lose them.
+            drop(g);
+            self.return_registers(registers);
+            return;
+        }
+        g.queued = false;
+        g.registers = Some(registers);
+        g.ready = true;
+        if g.staging {
+            return;
+        }
+        // A map failure here has no caller to report to; the transaction is left
+        // TransferFailed (see the platform contract: a backend bounces what it cannot map).
+        let _ = self.stage(g);
+    }
+}
+
+impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
+    fn drop(&mut self) {
+        let inner = self.inner.lock();
+        let in_flight = inner.state == State::Transfer && (inner.programmed || inner.ready);
+        drop(inner);
+        let mut g = self.inner.lock();
+        if in_flight {
+            // Deleted while the device may be using the buffer (KMDF: fatal with the verifier).
+            // Keep the buffer and the registers forever rather than let the device write into
+            // memory that is freed or reused; the leak shows in the platform's pool.
+            core::mem::forget(g.buffer.take());
+            core::mem::forget(g.registers.take());
+        } else {
+            let direction = g.direction;
+            if let (Some(registers), Some(record)) =
+                (g.registers.take(), self.enabler.record(direction))
+            {
+                record.adapter.free(registers);
+            }
+            if g.holds_packet_slot {
+                self.enabler.device.give_back_packet_slot();
+            }
+        }
+        drop(g);
+        for record in self.enabler.records.iter().flatten() {
+            record.adapter.unregister_waiter();
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use crate::enabler::{Enabler, EnablerShared};
 use crate::sync::Arc;
-use dmatx_hal::{Adapter, CommonAllocation, Platform, PAGE_SIZE};
+use dmatx_hal::{Adapter, CommonAllocation, PAGE_SIZE, Platform};
 use dmatx_types::{BusAddr, Direction, Error, Result, VirtAddr};
 
 /// Configuration of a common buffer (`WDF_COMMON_BUFFER_CONFIG`).
@@ -38,7 +38,9 @@ impl CommonBufferConfig {
         if raw.size != RawCommonBufferConfig::SIZE {
             return Err(Error::InfoLengthMismatch);
         }
-        Ok(Self { alignment_requirement: Some(raw.alignment_requirement) })
+        Ok(Self {
+            alignment_requirement: Some(raw.alignment_requirement),
+        })
     }
 }
 
@@ -105,8 +107,12 @@ impl<P: Platform> CommonBuffer<P> {
         if length > u64::from(u32::MAX) {
             return Err(Error::InsufficientResources);
         }
-        let record = shared.record(Direction::ReadFromDevice).ok_or(Error::InvalidParameter)?;
-        let mask = config.alignment_requirement.unwrap_or(shared.common_buffer_alignment);
+        let record = shared
+            .record(Direction::ReadFromDevice)
+            .ok_or(Error::InvalidParameter)?;
+        let mask = config
+            .alignment_requirement
+            .unwrap_or(shared.common_buffer_alignment);
         if mask.checked_add(1).is_none_or(|a| !a.is_power_of_two()) {
             return Err(Error::InvalidParameter);
         }
@@ -118,7 +124,10 @@ impl<P: Platform> CommonBuffer<P> {
         };
         let allocation = record.adapter.allocate_common_buffer(raw_length)?;
         let raw_logical = allocation.logical.get();
-        let aligned = (raw_logical.checked_add(mask).ok_or(Error::IntegerOverflow)?) & !mask;
+        let aligned = (raw_logical
+            .checked_add(mask)
+            .ok_or(Error::IntegerOverflow)?)
+            & !mask;
         let skew = aligned - raw_logical;
         let raw_virtual = allocation.virt.get();
         let aligned_virtual = if mask > PAGE_SIZE - 1 {
@@ -176,12 +185,16 @@ impl<P: Platform> CommonBuffer<P> {
     }
 
     fn checked(&self, offset: u64, len: usize) -> Result<(&P::Adapter, &CommonAllocation)> {
-        let end = offset.checked_add(len as u64).ok_or(Error::InvalidParameter)?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or(Error::InvalidParameter)?;
         if end > self.length {
             return Err(Error::InvalidParameter);
         }
-        let record =
-            self.enabler.record(Direction::ReadFromDevice).ok_or(Error::InvalidParameter)?;
+        let record = self
+            .enabler
+            .record(Direction::ReadFromDevice)
+            .ok_or(Error::InvalidParameter)?;
         let allocation = self.allocation.as_ref().ok_or(Error::InvalidParameter)?;
         Ok((&record.adapter, allocation))
     }
@@ -189,9 +202,10 @@ impl<P: Platform> CommonBuffer<P> {
 
 impl<P: Platform> Drop for CommonBuffer<P> {
     fn drop(&mut self) {
-        if let (Some(allocation), Some(record)) =
-            (self.allocation.take(), self.enabler.record(Direction::ReadFromDevice))
-        {
+        if let (Some(allocation), Some(record)) = (
+            self.allocation.take(),
+            self.enabler.record(Direction::ReadFromDevice),
+        ) {
             record.adapter.free_common_buffer(allocation);
         }
     }

@@ -30,7 +30,10 @@ impl<P: Platform> DmaDevice<P> {
     /// A device on `platform`.
     pub fn new(platform: P) -> Self {
         Self {
-            shared: Arc::new(DeviceShared { platform, packet_slot: AtomicBool::new(false) }),
+            shared: Arc::new(DeviceShared {
+                platform,
+                packet_slot: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -51,7 +54,9 @@ impl<P: Platform> DmaDevice<P> {
 
 impl<P: Platform> Clone for DmaDevice<P> {
     fn clone(&self) -> Self {
-        Self { shared: Arc::clone(&self.shared) }
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
@@ -60,7 +65,9 @@ impl<P> DeviceShared<P> {
     pub(crate) fn try_take_packet_slot(&self) -> bool {
         // ORDERING: Acquire pairs with the Release in `give_back_packet_slot`, so the previous
         // holder's teardown happens-before our use of the device.
-        self.packet_slot.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        self.packet_slot
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     }
 
     pub(crate) fn give_back_packet_slot(&self) {

@@ -88,8 +88,9 @@ impl EnablerConfig {
             3 => Some(DmaVersion::V3),
             _ => return Err(Error::InvalidParameter),
         };
-        if raw.flags & !(RawEnablerConfig::NO_SGLIST_PREALLOCATION
-            | RawEnablerConfig::REQUIRE_SINGLE_TRANSFER)
+        if raw.flags
+            & !(RawEnablerConfig::NO_SGLIST_PREALLOCATION
+                | RawEnablerConfig::REQUIRE_SINGLE_TRANSFER)
             != 0
         {
             return Err(Error::InvalidParameter);
@@ -174,7 +175,11 @@ pub(crate) struct EnablerShared<P: Platform> {
 impl<P: Platform> EnablerShared<P> {
     /// The record serving `direction` (simplex enablers use record 0 for both).
     pub(crate) fn record(&self, direction: Direction) -> Option<&AdapterRecord<P::Adapter>> {
-        let index = if self.profile.is_duplex() { direction.index() } else { 0 };
+        let index = if self.profile.is_duplex() {
+            direction.index()
+        } else {
+            0
+        };
         self.records[index].as_ref()
     }
 
@@ -206,7 +211,9 @@ pub struct Enabler<P: Platform> {
 
 impl<P: Platform> Clone for Enabler<P> {
     fn clone(&self) -> Self {
-        Self { shared: Arc::clone(&self.shared) }
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
     }
 }
 
@@ -234,7 +241,11 @@ impl<P: Platform> Enabler<P> {
         if config.maximum_length == 0 || config.maximum_length > u64::from(u32::MAX) {
             return Err(Error::InvalidParameter);
         }
-        let mut version = if profile.is_system() { DmaVersion::V3 } else { default_version() };
+        let mut version = if profile.is_system() {
+            DmaVersion::V3
+        } else {
+            default_version()
+        };
         let mut address_bits = profile.address_bits().unwrap_or(32);
         let width = config.address_width_override;
         if width != 0 {
@@ -254,7 +265,9 @@ impl<P: Platform> Enabler<P> {
         if config.require_single_transfer && version != DmaVersion::V3 {
             return Err(Error::InvalidParameter);
         }
-        let verifier = config.verifier.unwrap_or(cfg!(any(debug_assertions, feature = "verifier")));
+        let verifier = config
+            .verifier
+            .unwrap_or(cfg!(any(debug_assertions, feature = "verifier")));
 
         let mut records: [Option<AdapterRecord<P::Adapter>>; 2] = [None, None];
         if profile.is_bus_master() {
@@ -282,16 +295,19 @@ impl<P: Platform> Enabler<P> {
                 if n < 2 {
                     return Err(Error::Unsuccessful);
                 }
-                let fragment_length =
-                    config.maximum_length.min(u64::from(n - 1) * PAGE_SIZE);
-                records[direction.index()] =
-                    Some(AdapterRecord { adapter, map_registers: n, fragment_length });
+                let fragment_length = config.maximum_length.min(u64::from(n - 1) * PAGE_SIZE);
+                records[direction.index()] = Some(AdapterRecord {
+                    adapter,
+                    map_registers: n,
+                    fragment_length,
+                });
             }
         }
         // KMDF computes the common-buffer alignment only for SG profiles (a quirk); dmatx does
         // it for every profile that has an adapter.
-        let common_buffer_alignment =
-            records[0].as_ref().map_or(0, |r| r.adapter.alignment_requirement());
+        let common_buffer_alignment = records[0]
+            .as_ref()
+            .map_or(0, |r| r.adapter.alignment_requirement());
         Ok(Self {
             shared: Arc::new(EnablerShared {
                 device: Arc::clone(device.shared()),
@@ -337,7 +353,9 @@ impl<P: Platform> Enabler<P> {
     /// min(MaximumLength, (N − 1) × PAGE_SIZE); 0 if the direction has no adapter (a system
     /// enabler not yet configured).
     pub fn fragment_length(&self, direction: Direction) -> u64 {
-        self.shared.record(direction).map_or(0, |r| r.fragment_length)
+        self.shared
+            .record(direction)
+            .map_or(0, |r| r.fragment_length)
     }
 
     /// Map registers (N) the platform granted for `direction`, 0 if it has no adapter.

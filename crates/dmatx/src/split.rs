@@ -158,7 +158,11 @@ mod tests {
         }
         fn segment(&self, index: usize) -> Segment<'_> {
             let (va, len, ref frames) = self.segs[index];
-            Segment { va: VirtAddr::new(va), length: len, frames }
+            Segment {
+                va: VirtAddr::new(va),
+                length: len,
+                frames,
+            }
         }
     }
 

@@ -24,8 +24,7 @@ use dmatx_hal::{
     Platform, Waiter,
 };
 use dmatx_types::{
-    Call, Direction, DmaVersion, Error, Misuse, Result, SgElement, State, TransactionKind,
-    VirtAddr,
+    Call, Direction, DmaVersion, Error, Misuse, Result, SgElement, State, TransactionKind, VirtAddr,
 };
 
 /// The driver's program-DMA callback (`EvtProgramDma`): program the device with one transfer.
@@ -79,7 +78,9 @@ pub struct BufferError<B> {
 
 impl<B> fmt::Debug for BufferError<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BufferError").field("error", &self.error).finish_non_exhaustive()
+        f.debug_struct("BufferError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
     }
 }
 
@@ -251,9 +252,11 @@ where
             }
         }
         let capacity = match kind {
-            TransactionKind::ScatterGather => {
-                records.iter().map(|r| r.map_registers as usize).max().unwrap_or(1)
-            }
+            TransactionKind::ScatterGather => records
+                .iter()
+                .map(|r| r.map_registers as usize)
+                .max()
+                .unwrap_or(1),
             _ => 1,
         };
         let mut area = Vec::with_capacity(capacity);
@@ -308,7 +311,12 @@ where
         let first = buffer.segment(0);
         let offset = match va.offset_from(first.va) {
             Some(o) if o < first.length => o,
-            _ => return Err(BufferError { error: Error::InvalidParameter, buffer }),
+            _ => {
+                return Err(BufferError {
+                    error: Error::InvalidParameter,
+                    buffer,
+                });
+            }
         };
         self.initialize_using_offset(program_dma, direction, buffer, offset, length)
     }
@@ -386,16 +394,13 @@ where
                 Err(Error::WdfTooManyTransfers)
             } else if pages > u64::from(record.map_registers) {
                 Err(Error::WdfNotEnoughMapRegisters)
-            } else if elements > max_sg
-                || (self.kind == TransactionKind::Packet && elements > 1)
-            {
+            } else if elements > max_sg || (self.kind == TransactionKind::Packet && elements > 1) {
                 Err(Error::WdfTooFragmented)
             } else {
                 Ok(())
             }
         } else if self.kind == TransactionKind::ScatterGather
-            && split::first_too_fragmented(&buffer, offset, length, max_transfer, max_sg)
-                .is_some()
+            && split::first_too_fragmented(&buffer, offset, length, max_transfer, max_sg).is_some()
         {
             Err(Error::WdfTooFragmented)
         } else {
@@ -487,7 +492,10 @@ where
     /// Scatter/gather: the next transfer's length, fitted to the map registers and checked
     /// against the SG element limit, and its registers (§3.2.3).
     fn prepare_sg(&self, g: &mut Inner<P, C, B>) -> Result<Prepared> {
-        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let record = self
+            .enabler
+            .record(g.direction)
+            .ok_or(Error::InvalidDeviceState)?;
         let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
         let position = g.offset + g.transferred;
         let left = g.length - g.transferred;
@@ -506,13 +514,19 @@ where
 
     /// Ask the direction's adapter for `count` registers.
     fn allocate(&self, g: &mut Inner<P, C, B>, count: u64) -> Result<Prepared> {
-        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let record = self
+            .enabler
+            .record(g.direction)
+            .ok_or(Error::InvalidDeviceState)?;
         let count = u32::try_from(count)
             .ok()
             .and_then(NonZeroU32::new)
             .ok_or(Error::InsufficientResources)?;
         let waiter = self.waiter().ok_or(Error::InvalidDeviceState)?;
-        let request = AllocationRequest { count, immediate: g.immediate };
+        let request = AllocationRequest {
+            count,
+            immediate: g.immediate,
+        };
         match record.adapter.allocate(request, &waiter)? {
             Allocation::Granted(registers) => {
                 g.registers = Some(registers);
@@ -577,16 +591,17 @@ where
         }
     }
 
-    fn map_next(
-        &self,
-        g: &Inner<P, C, B>,
-        out: &mut [SgElement],
-    ) -> Result<dmatx_hal::Mapping> {
-        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+    fn map_next(&self, g: &Inner<P, C, B>, out: &mut [SgElement]) -> Result<dmatx_hal::Mapping> {
+        let record = self
+            .enabler
+            .record(g.direction)
+            .ok_or(Error::InvalidDeviceState)?;
         let registers = g.registers.as_ref().ok_or(Error::InvalidDeviceState)?;
         let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
         let position = g.offset + g.transferred;
-        record.adapter.map(registers, buffer, position, g.next, g.direction, out)
+        record
+            .adapter
+            .map(registers, buffer, position, g.next, g.direction, out)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -667,7 +682,11 @@ where
             status = Err(Error::WdfTooManyTransfers);
         }
         if status.is_err() || left == 0 || is_final {
-            let state = if status.is_ok() { State::TransferCompleted } else { State::TransferFailed };
+            let state = if status.is_ok() {
+                State::TransferCompleted
+            } else {
+                State::TransferFailed
+            };
             let mut leftovers = self.finish(&mut g, state);
             leftovers.registers = leftovers.registers.or(transfer_registers);
             drop(g);
@@ -711,11 +730,16 @@ where
 
     /// End the current transfer's mapping (bounced data is copied back).
     fn flush_current(&self, g: &Inner<P, C, B>) -> Result<()> {
-        let record = self.enabler.record(g.direction).ok_or(Error::InvalidDeviceState)?;
+        let record = self
+            .enabler
+            .record(g.direction)
+            .ok_or(Error::InvalidDeviceState)?;
         let registers = g.registers.as_ref().ok_or(Error::InvalidDeviceState)?;
         let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
         let position = g.offset + g.transferred;
-        record.adapter.flush(registers, buffer, position, g.current, g.direction)
+        record
+            .adapter
+            .flush(registers, buffer, position, g.current, g.direction)
     }
 
     /// Finish the run: set the final state and take out the per-run resources.
@@ -727,7 +751,11 @@ where
         g.programmed = false;
         g.queued = false;
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
-        Leftovers { registers: g.registers.take(), context: g.context.take(), packet_slot }
+        Leftovers {
+            registers: g.registers.take(),
+            context: g.context.take(),
+            packet_slot,
+        }
     }
 
     /// Return what [`Transaction::finish`] or [`Transaction::reset`] took out. Call with no
@@ -819,8 +847,7 @@ where
         if !g.queued {
             return Ok(false);
         }
-        let (Some(record), Some(waiter)) = (self.enabler.record(g.direction), self.waiter())
-        else {
+        let (Some(record), Some(waiter)) = (self.enabler.record(g.direction), self.waiter()) else {
             return Ok(false);
         };
         if !record.adapter.cancel_allocation(&waiter) {
@@ -887,7 +914,10 @@ where
         if g.state != State::Initialized {
             return Err(Error::InvalidDeviceRequest);
         }
-        let fragment = self.enabler.record(g.direction).map_or(0, |r| r.fragment_length);
+        let fragment = self
+            .enabler
+            .record(g.direction)
+            .map_or(0, |r| r.fragment_length);
         if length < fragment {
             g.max_transfer = length;
             Ok(true)
@@ -956,7 +986,10 @@ where
             match (g.state, g.buffer.as_ref()) {
                 (State::Initialized, Some(buffer)) => {
                     let pages = split::pages_in_range(buffer, g.offset, g.length);
-                    Ok(TransferInfo { map_registers: pages, sg_elements: pages })
+                    Ok(TransferInfo {
+                        map_registers: pages,
+                        sg_elements: pages,
+                    })
                 }
                 (state, _) => Err(self.misuse(Call::GetTransferInfo, state, INFO_STATE)),
             }
@@ -969,7 +1002,9 @@ where
 
     /// The enabler this transaction belongs to.
     pub fn enabler(&self) -> Enabler<P> {
-        Enabler { shared: Arc::clone(&self.enabler) }
+        Enabler {
+            shared: Arc::clone(&self.enabler),
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -981,7 +1016,11 @@ where
     }
 
     fn misuse(&self, call: Call, state: State, reason: &'static str) -> Error {
-        Error::Misuse(Misuse { call, state, reason })
+        Error::Misuse(Misuse {
+            call,
+            state,
+            reason,
+        })
     }
 
     /// Verifier mode: a misuse panics with its diagnostic (after every lock is dropped).
@@ -1040,7 +1079,8 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
             // Keep the buffer and the registers forever rather than let the device write into
             // memory that is freed or reused; the leak shows in the platform's pool.
             core::mem::forget(g.buffer.take());
-            core::mem::forget(g.registers.take());
+            // Not returned to the pool: the device may still use the mapping.
+            let _never_freed = g.registers.take();
         } else {
             let direction = g.direction;
             if let (Some(registers), Some(record)) =

@@ -1098,3 +1098,17 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
         }
     }
 }
+
+impl<P: Platform, C, B> fmt::Debug for Transaction<P, C, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = self.inner.lock();
+        f.debug_struct("Transaction")
+            .field("kind", &self.kind)
+            .field("state", &g.state)
+            .field("direction", &g.direction)
+            .field("length", &g.length)
+            .field("transferred", &g.transferred)
+            .field("current", &g.current)
+            .finish_non_exhaustive()
+    }
+}

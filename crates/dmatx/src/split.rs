@@ -116,10 +116,14 @@ pub(crate) fn packet_run_registers<D: MemoryDescriptor + ?Sized>(
     fragment: u64,
 ) -> u64 {
     let first = length.min(fragment);
+    let worst = pages_spanned(PAGE_SIZE - 1, first);
     if first == length {
-        pages_in_range(buffer, offset, length)
+        // A chained buffer can span more pages than the worst case of one segment, but a
+        // packet transfer never crosses a break in its bus addresses, so the worst case of a
+        // single run still bounds what any transfer maps.
+        pages_in_range(buffer, offset, length).min(worst)
     } else {
-        pages_spanned(PAGE_SIZE - 1, first)
+        worst
     }
 }
 

@@ -9,15 +9,25 @@ use dmatx::{
 };
 
 fn enabler(sim: &dmatx_sim::SimPlatform, profile: Profile) -> Enabler<dmatx_sim::SimPlatform> {
-    Enabler::create(&DmaDevice::new(sim.clone()), EnablerConfig::new(profile, 8192)).unwrap()
+    Enabler::create(
+        &DmaDevice::new(sim.clone()),
+        EnablerConfig::new(profile, 8192),
+    )
+    .unwrap()
 }
 
 #[test]
 fn stmt_101_zero_length_is_invalid() {
     let sim = sim(8);
     let e = enabler(&sim, Profile::ScatterGather64);
-    assert_eq!(CommonBuffer::create(&e, 0).err(), Some(Error::InvalidParameter));
-    assert_eq!(CommonBuffer::create(&e, 1 << 32).err(), Some(Error::InsufficientResources));
+    assert_eq!(
+        CommonBuffer::create(&e, 0).err(),
+        Some(Error::InvalidParameter)
+    );
+    assert_eq!(
+        CommonBuffer::create(&e, 1 << 32).err(),
+        Some(Error::InsufficientResources)
+    );
     assert_clean(&sim);
 }
 
@@ -30,7 +40,9 @@ fn stmt_102_small_alignment_keeps_raw_addresses() {
             let cb = CommonBuffer::create_with_config(
                 &e,
                 777,
-                CommonBufferConfig { alignment_requirement: Some(mask) },
+                CommonBufferConfig {
+                    alignment_requirement: Some(mask),
+                },
             )
             .unwrap();
             let raw = cb.raw_allocation().unwrap();
@@ -52,12 +64,17 @@ fn stmt_103_large_alignment_keeps_both_views_on_the_same_byte() {
         let cb = CommonBuffer::create_with_config(
             &e,
             5000,
-            CommonBufferConfig { alignment_requirement: Some(mask) },
+            CommonBufferConfig {
+                alignment_requirement: Some(mask),
+            },
         )
         .unwrap();
         let raw = cb.raw_allocation().unwrap();
         assert!(cb.aligned_logical_address().is_aligned(mask));
-        let la_skew = cb.aligned_logical_address().offset_from(raw.logical).unwrap();
+        let la_skew = cb
+            .aligned_logical_address()
+            .offset_from(raw.logical)
+            .unwrap();
         let va_skew = cb.aligned_virtual_address().offset_from(raw.virt).unwrap();
         assert_eq!(la_skew, va_skew);
         assert_eq!(raw.length, 5000 + mask);
@@ -77,7 +94,9 @@ fn stmt_104_length_is_the_requested_one() {
     let cb = CommonBuffer::create_with_config(
         &e,
         1234,
-        CommonBufferConfig { alignment_requirement: Some(0xffff) },
+        CommonBufferConfig {
+            alignment_requirement: Some(0xffff),
+        },
     )
     .unwrap();
     assert_eq!(cb.length(), 1234);
@@ -91,19 +110,45 @@ fn stmt_104_length_is_the_requested_one() {
 
 #[test]
 fn stmt_105_config_size_mismatch() {
-    let raw = RawCommonBufferConfig { size: 8, alignment_requirement: 15 };
-    assert_eq!(CommonBufferConfig::from_raw(&raw), Err(Error::InfoLengthMismatch));
-    let raw = RawCommonBufferConfig { size: RawCommonBufferConfig::SIZE, alignment_requirement: 15 };
-    assert_eq!(CommonBufferConfig::from_raw(&raw).unwrap().alignment_requirement, Some(15));
+    let raw = RawCommonBufferConfig {
+        size: 8,
+        alignment_requirement: 15,
+    };
+    assert_eq!(
+        CommonBufferConfig::from_raw(&raw),
+        Err(Error::InfoLengthMismatch)
+    );
+    let raw = RawCommonBufferConfig {
+        size: RawCommonBufferConfig::SIZE,
+        alignment_requirement: 15,
+    };
+    assert_eq!(
+        CommonBufferConfig::from_raw(&raw)
+            .unwrap()
+            .alignment_requirement,
+        Some(15)
+    );
 }
 
 #[test]
 fn alignment_that_is_not_a_mask_is_invalid() {
     let sim = sim(8);
     let e = enabler(&sim, Profile::ScatterGather64);
-    let r = CommonBuffer::create_with_config(&e, 100, CommonBufferConfig { alignment_requirement: Some(10) });
+    let r = CommonBuffer::create_with_config(
+        &e,
+        100,
+        CommonBufferConfig {
+            alignment_requirement: Some(10),
+        },
+    );
     assert_eq!(r.err(), Some(Error::InvalidParameter));
-    let r = CommonBuffer::create_with_config(&e, 100, CommonBufferConfig { alignment_requirement: Some(u64::MAX) });
+    let r = CommonBuffer::create_with_config(
+        &e,
+        100,
+        CommonBufferConfig {
+            alignment_requirement: Some(u64::MAX),
+        },
+    );
     assert_eq!(r.err(), Some(Error::InvalidParameter));
     assert_clean(&sim);
 }

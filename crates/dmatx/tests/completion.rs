@@ -10,9 +10,15 @@ const W: Direction = Direction::WriteToDevice;
 const R: Direction = Direction::ReadFromDevice;
 const MORE: Completion = Completion::MoreProcessingRequired;
 
-fn started(sim: &dmatx_sim::SimPlatform, profile: Profile, n_len: u64, v: DmaVersion) -> (Arc<Tx>, Arc<Log>) {
+fn started(
+    sim: &dmatx_sim::SimPlatform,
+    profile: Profile,
+    n_len: u64,
+    v: DmaVersion,
+) -> (Arc<Tx>, Arc<Log>) {
     let t = Tx::create(&enabler(sim, profile, 4096, v)).unwrap();
-    t.initialize_using_offset(record, W, buffer(sim, n_len, 0), 0, n_len).unwrap();
+    t.initialize_using_offset(record, W, buffer(sim, n_len, 0), 0, n_len)
+        .unwrap();
     let log = Log::new();
     t.execute(log.clone()).unwrap();
     (t, log)
@@ -21,8 +27,15 @@ fn started(sim: &dmatx_sim::SimPlatform, profile: Profile, n_len: u64, v: DmaVer
 #[test]
 fn stmt_056_completion_before_execute_is_misuse() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 4096, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        4096,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096)
+        .unwrap();
     for (r, call) in [
         (t.dma_completed(), Call::DmaCompleted),
         (t.dma_completed_with_length(1), Call::DmaCompletedWithLength),
@@ -42,7 +55,10 @@ fn stmt_057_completion_after_finish_is_misuse() {
     let (t, _) = started(&sim, Profile::Packet64, 4096, DmaVersion::V2);
     assert_eq!(t.dma_completed(), Ok(Completion::Finished(Ok(()))));
     let m = *t.dma_completed().unwrap_err().misuse().unwrap();
-    assert_eq!((m.call, m.state), (Call::DmaCompleted, State::TransferCompleted));
+    assert_eq!(
+        (m.call, m.state),
+        (Call::DmaCompleted, State::TransferCompleted)
+    );
     assert_eq!(t.bytes_transferred(), 4096);
     t.release().unwrap();
     assert_clean(&sim);
@@ -65,7 +81,10 @@ fn completing_one_transfer_twice_is_misuse() {
 fn stmt_058_with_length_beyond_transfer_fails_the_transaction() {
     let sim = sim(8);
     let (t, _) = started(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2);
-    assert_eq!(t.dma_completed_with_length(4097), Ok(Completion::Finished(Err(Error::InvalidParameter))));
+    assert_eq!(
+        t.dma_completed_with_length(4097),
+        Ok(Completion::Finished(Err(Error::InvalidParameter)))
+    );
     assert_eq!(t.state(), State::TransferFailed);
     assert_eq!(t.bytes_transferred(), 0);
     t.release().unwrap();
@@ -89,13 +108,17 @@ fn stmt_060_partial_completion_moves_next_start_by_k() {
     for profile in [Profile::Packet64, Profile::ScatterGather64] {
         let sim = sim(8);
         let t = Tx::create(&enabler(&sim, profile, 4096, DmaVersion::V3)).unwrap();
-        t.initialize_using_offset(record, W, contiguous(&sim, 16384, 0), 0, 16384).unwrap();
+        t.initialize_using_offset(record, W, contiguous(&sim, 16384, 0), 0, 16384)
+            .unwrap();
         let log = Log::new();
         t.execute(log.clone()).unwrap();
         assert_eq!(t.dma_completed_with_length(1000), Ok(MORE));
         let calls = log.calls();
         assert_eq!(calls[1].bytes_transferred, 1000);
-        assert_eq!(calls[1].sg[0].address.get(), calls[0].sg[0].address.get() + 1000);
+        assert_eq!(
+            calls[1].sg[0].address.get(),
+            calls[0].sg[0].address.get() + 1000
+        );
         assert_eq!(calls[1].current_length, 4096);
         let (n, status) = run_to_end(&t);
         status.unwrap();
@@ -126,12 +149,20 @@ fn stmt_062_with_full_length_is_dma_completed() {
     let (b, lb) = started(&sim, Profile::ScatterGather64, 10_000, DmaVersion::V2);
     run_to_end(&a).1.unwrap();
     loop {
-        match b.dma_completed_with_length(b.current_transfer_length()).unwrap() {
+        match b
+            .dma_completed_with_length(b.current_transfer_length())
+            .unwrap()
+        {
             Completion::Finished(s) => break s.unwrap(),
             Completion::MoreProcessingRequired => {}
         }
     }
-    let lens = |l: &Log| l.calls().iter().map(|c| c.current_length).collect::<Vec<_>>();
+    let lens = |l: &Log| {
+        l.calls()
+            .iter()
+            .map(|c| c.current_length)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(lens(&la), lens(&lb));
     a.release().unwrap();
     b.release().unwrap();
@@ -152,9 +183,16 @@ fn stmt_063_final_finishes_with_partial_total() {
 }
 
 fn single(sim: &dmatx_sim::SimPlatform) -> Arc<Tx> {
-    let t = Tx::create(&enabler(sim, Profile::ScatterGather64, 1 << 16, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        sim,
+        Profile::ScatterGather64,
+        1 << 16,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     t.set_single_transfer_requirement(true).unwrap();
-    t.initialize_using_offset(record, W, buffer(sim, 16384, 0), 0, 16384).unwrap();
+    t.initialize_using_offset(record, W, buffer(sim, 16384, 0), 0, 16384)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     t
 }
@@ -163,7 +201,10 @@ fn single(sim: &dmatx_sim::SimPlatform) -> Arc<Tx> {
 fn stmt_064_single_transfer_partial_is_too_many_transfers() {
     let sim = sim(8);
     let t = single(&sim);
-    assert_eq!(t.dma_completed_with_length(100), Ok(Completion::Finished(Err(Error::WdfTooManyTransfers))));
+    assert_eq!(
+        t.dma_completed_with_length(100),
+        Ok(Completion::Finished(Err(Error::WdfTooManyTransfers)))
+    );
     assert_eq!(t.state(), State::TransferFailed);
     t.release().unwrap();
     assert_clean(&sim);
@@ -173,7 +214,10 @@ fn stmt_064_single_transfer_partial_is_too_many_transfers() {
 fn stmt_065_single_transfer_short_final_is_too_many_transfers() {
     let sim = sim(8);
     let t = single(&sim);
-    assert_eq!(t.dma_completed_final(100), Ok(Completion::Finished(Err(Error::WdfTooManyTransfers))));
+    assert_eq!(
+        t.dma_completed_final(100),
+        Ok(Completion::Finished(Err(Error::WdfTooManyTransfers)))
+    );
     t.release().unwrap();
     assert_clean(&sim);
 }
@@ -184,7 +228,10 @@ fn stmt_066_flush_error_finishes_with_that_error() {
     let (t, _) = started(&sim, Profile::Packet64, 12288, DmaVersion::V2);
     let adapter = t.enabler().adapter(W).unwrap().clone();
     adapter.fail_next_flush(Error::DeviceDataError);
-    assert_eq!(t.dma_completed(), Ok(Completion::Finished(Err(Error::DeviceDataError))));
+    assert_eq!(
+        t.dma_completed(),
+        Ok(Completion::Finished(Err(Error::DeviceDataError)))
+    );
     assert_eq!(t.state(), State::TransferFailed);
     t.release().unwrap();
     assert_clean(&sim);
@@ -196,10 +243,14 @@ fn stmt_067_staging_error_after_partials_finishes_with_it() {
     let e = enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2);
     e.set_max_sg_elements(2).unwrap();
     let t = Tx::create(&e).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 16384, 0), 0, 16384).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 16384, 0), 0, 16384)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     // The next chunk starts 0x100 into a page: 8 KiB there spans 3 pages > 2.
-    assert_eq!(t.dma_completed_with_length(0x100), Ok(Completion::Finished(Err(Error::WdfTooFragmented))));
+    assert_eq!(
+        t.dma_completed_with_length(0x100),
+        Ok(Completion::Finished(Err(Error::WdfTooFragmented)))
+    );
     assert_eq!(t.bytes_transferred(), 0x100);
     t.release().unwrap();
     assert_clean(&sim);
@@ -227,7 +278,8 @@ fn stmt_069_after_finish_current_length_is_zero_and_bytes_kept() {
 fn inline_run(profile: Profile) {
     let sim = sim(8);
     let t = Tx::create(&enabler(&sim, profile, 4096, DmaVersion::V3)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 5 * 4096, 0), 0, 5 * 4096).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 5 * 4096, 0), 0, 5 * 4096)
+        .unwrap();
     let log = Log::new();
     *log.inline.lock().unwrap() = Some(Inline::Full);
     t.execute(log.clone()).unwrap();
@@ -272,14 +324,18 @@ fn stmt_071_completion_from_another_thread_runs_next_transfer_on_staging_thread(
     for profile in [Profile::Packet64, Profile::ScatterGather64] {
         let sim = sim(8);
         let t = Tx::create(&enabler(&sim, profile, 4096, DmaVersion::V3)).unwrap();
-        t.initialize_using_offset(complete_elsewhere, R, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+        t.initialize_using_offset(complete_elsewhere, R, buffer(&sim, 8192, 0), 0, 8192)
+            .unwrap();
         let log = Log::new();
         t.execute(log.clone()).unwrap();
         assert_eq!(log.inline_results.lock().unwrap()[0], MORE);
         let calls = log.calls();
         assert_eq!(calls.len(), 2, "{profile:?}");
         let here = std::thread::current().id();
-        assert!(calls.iter().all(|c| c.thread == here), "next transfer ran on the staging thread");
+        assert!(
+            calls.iter().all(|c| c.thread == here),
+            "next transfer ran on the staging thread"
+        );
         assert!(!*log.nested.lock().unwrap());
         assert_eq!(t.dma_completed(), Ok(Completion::Finished(Ok(()))));
         t.release().unwrap();
@@ -289,10 +345,15 @@ fn stmt_071_completion_from_another_thread_runs_next_transfer_on_staging_thread(
 
 #[test]
 fn stmt_072_delete_from_inside_program_dma_after_finish() {
-    for profile in [Profile::Packet64, Profile::ScatterGather64, Profile::ScatterGather64Duplex] {
+    for profile in [
+        Profile::Packet64,
+        Profile::ScatterGather64,
+        Profile::ScatterGather64Duplex,
+    ] {
         let sim = sim(8);
         let t = Tx::create(&enabler(&sim, profile, 4096, DmaVersion::V3)).unwrap();
-        t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+        t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+            .unwrap();
         let log = Log::new();
         *log.inline.lock().unwrap() = Some(Inline::Full);
         let weak = Arc::downgrade(&t);
@@ -300,8 +361,14 @@ fn stmt_072_delete_from_inside_program_dma_after_finish() {
         // Execute through a temporary handle; the log holds the only lasting one, which the
         // callback releases and drops after finishing the transaction inline.
         weak.upgrade().unwrap().execute(log.clone()).unwrap();
-        assert!(log.keep.lock().unwrap().is_none(), "the callback dropped its handle");
-        assert!(weak.upgrade().is_none(), "{profile:?}: deleted once the last call returned");
+        assert!(
+            log.keep.lock().unwrap().is_none(),
+            "the callback dropped its handle"
+        );
+        assert!(
+            weak.upgrade().is_none(),
+            "{profile:?}: deleted once the last call returned"
+        );
         assert_eq!(log.count(), 2);
         assert_clean(&sim);
     }

@@ -17,7 +17,10 @@ fn create(config: EnablerConfig) -> Result<(), Error> {
 
 #[test]
 fn stmt_001_zero_maximum_length_is_invalid() {
-    assert_eq!(create(EnablerConfig::new(Profile::Packet, 0)), Err(Error::InvalidParameter));
+    assert_eq!(
+        create(EnablerConfig::new(Profile::Packet, 0)),
+        Err(Error::InvalidParameter)
+    );
     let raw = RawEnablerConfig::new(1, 0);
     let config = EnablerConfig::from_raw(&raw).unwrap();
     assert_eq!(create(config), Err(Error::InvalidParameter));
@@ -30,8 +33,17 @@ fn stmt_001_dmatx_rejects_maximum_length_above_32_bits() {
         create(EnablerConfig::new(Profile::ScatterGather64, 1 << 32)),
         Err(Error::InvalidParameter)
     );
-    assert_eq!(create(EnablerConfig::new(Profile::ScatterGather64, u64::MAX)), Err(Error::InvalidParameter));
-    assert_eq!(create(EnablerConfig::new(Profile::ScatterGather64, u64::from(u32::MAX))), Ok(()));
+    assert_eq!(
+        create(EnablerConfig::new(Profile::ScatterGather64, u64::MAX)),
+        Err(Error::InvalidParameter)
+    );
+    assert_eq!(
+        create(EnablerConfig::new(
+            Profile::ScatterGather64,
+            u64::from(u32::MAX)
+        )),
+        Ok(())
+    );
 }
 
 #[test]
@@ -52,8 +64,14 @@ fn stmt_002_profile_zero_or_above_eight_is_invalid() {
 #[test]
 fn stmt_003_config_size_mismatch() {
     for size in [0, RawEnablerConfig::SIZE - 8, RawEnablerConfig::SIZE + 1] {
-        let raw = RawEnablerConfig { size, ..RawEnablerConfig::new(2, 4096) };
-        assert_eq!(EnablerConfig::from_raw(&raw), Err(Error::InfoLengthMismatch));
+        let raw = RawEnablerConfig {
+            size,
+            ..RawEnablerConfig::new(2, 4096)
+        };
+        assert_eq!(
+            EnablerConfig::from_raw(&raw),
+            Err(Error::InfoLengthMismatch)
+        );
     }
 }
 
@@ -69,7 +87,11 @@ fn stmt_004_system_profile_with_address_width_override_fails() {
 
 #[test]
 fn stmt_005_32_bit_profile_with_width_40_fails() {
-    for p in [Profile::Packet, Profile::ScatterGather, Profile::ScatterGatherDuplex] {
+    for p in [
+        Profile::Packet,
+        Profile::ScatterGather,
+        Profile::ScatterGatherDuplex,
+    ] {
         assert_eq!(
             create(EnablerConfig::new(p, 4096).with_address_width(40)),
             Err(Error::InvalidParameter),
@@ -114,7 +136,8 @@ fn stmt_006_version_2_override_on_system_profile_fails() {
 
 #[test]
 fn stmt_007_single_transfer_requirement_needs_v3() {
-    let mut config = EnablerConfig::new(Profile::ScatterGather64, 4096).with_version(DmaVersion::V2);
+    let mut config =
+        EnablerConfig::new(Profile::ScatterGather64, 4096).with_version(DmaVersion::V2);
     config.require_single_transfer = true;
     assert_eq!(create(config), Err(Error::InvalidParameter));
     config.version_override = Some(DmaVersion::V3);
@@ -147,14 +170,21 @@ fn stmt_008_fragment_length_is_min_of_maximum_and_n_minus_one_pages() {
 #[test]
 fn stmt_008_platform_granting_fewer_than_two_registers_fails() {
     let sim = sim(1);
-    let r = Enabler::create(&DmaDevice::new(sim.clone()), EnablerConfig::new(Profile::Packet, 4096));
+    let r = Enabler::create(
+        &DmaDevice::new(sim.clone()),
+        EnablerConfig::new(Profile::Packet, 4096),
+    );
     assert_eq!(r.err(), Some(Error::Unsuccessful));
 }
 
 #[test]
 fn stmt_009_max_sg_elements_starts_unlimited() {
     let sim = sim(8);
-    let e = Enabler::create(&DmaDevice::new(sim.clone()), EnablerConfig::new(Profile::ScatterGather, 4096)).unwrap();
+    let e = Enabler::create(
+        &DmaDevice::new(sim.clone()),
+        EnablerConfig::new(Profile::ScatterGather, 4096),
+    )
+    .unwrap();
     assert_eq!(e.max_sg_elements(), UNLIMITED_FRAGMENTS);
     assert_eq!(UNLIMITED_FRAGMENTS, 0xFFFF_FFFF);
 }
@@ -162,7 +192,11 @@ fn stmt_009_max_sg_elements_starts_unlimited() {
 #[test]
 fn stmt_010_setting_zero_max_sg_elements_keeps_previous_value() {
     let sim = sim(8);
-    let e = Enabler::create(&DmaDevice::new(sim.clone()), EnablerConfig::new(Profile::ScatterGather, 4096)).unwrap();
+    let e = Enabler::create(
+        &DmaDevice::new(sim.clone()),
+        EnablerConfig::new(Profile::ScatterGather, 4096),
+    )
+    .unwrap();
     e.set_max_sg_elements(17).unwrap();
     assert_eq!(e.set_max_sg_elements(0), Err(Error::InvalidParameter));
     assert_eq!(e.max_sg_elements(), 17);
@@ -178,7 +212,11 @@ fn stmt_011_invalid_direction_is_unrepresentable_and_raw_values_are_rejected() {
     assert_eq!(Direction::from_raw(u32::MAX), Err(Error::InvalidParameter));
     // A direction with no adapter (an unconfigured system enabler) answers 0 / None.
     let sim = sim(8);
-    let e = Enabler::create(&DmaDevice::new(sim.clone()), EnablerConfig::new(Profile::System, 4096)).unwrap();
+    let e = Enabler::create(
+        &DmaDevice::new(sim.clone()),
+        EnablerConfig::new(Profile::System, 4096),
+    )
+    .unwrap();
     for d in Direction::ALL {
         assert_eq!(e.fragment_length(d), 0);
         assert!(e.adapter(d).is_none());
@@ -189,15 +227,26 @@ fn stmt_011_invalid_direction_is_unrepresentable_and_raw_values_are_rejected() {
 fn stmt_012_simplex_shares_one_adapter_duplex_has_two() {
     let sim = sim(8);
     let device = DmaDevice::new(sim.clone());
-    for p in [Profile::Packet, Profile::ScatterGather, Profile::Packet64, Profile::ScatterGather64] {
+    for p in [
+        Profile::Packet,
+        Profile::ScatterGather,
+        Profile::Packet64,
+        Profile::ScatterGather64,
+    ] {
         let e = Enabler::create(&device, EnablerConfig::new(p, 4096)).unwrap();
-        let (r, w) = (e.adapter(Direction::ReadFromDevice).unwrap(), e.adapter(Direction::WriteToDevice).unwrap());
+        let (r, w) = (
+            e.adapter(Direction::ReadFromDevice).unwrap(),
+            e.adapter(Direction::WriteToDevice).unwrap(),
+        );
         assert!(std::ptr::eq(r, w), "{p:?}");
         assert_eq!(r.id(), w.id());
     }
     for p in [Profile::ScatterGatherDuplex, Profile::ScatterGather64Duplex] {
         let e = Enabler::create(&device, EnablerConfig::new(p, 4096)).unwrap();
-        let (r, w) = (e.adapter(Direction::ReadFromDevice).unwrap(), e.adapter(Direction::WriteToDevice).unwrap());
+        let (r, w) = (
+            e.adapter(Direction::ReadFromDevice).unwrap(),
+            e.adapter(Direction::WriteToDevice).unwrap(),
+        );
         assert!(!std::ptr::eq(r, w), "{p:?}");
         assert_ne!(r.id(), w.id());
     }
@@ -208,12 +257,20 @@ fn stmt_012_simplex_shares_one_adapter_duplex_has_two() {
 fn version_selection_follows_kmdf() {
     let sim = sim(8);
     let device = DmaDevice::new(sim.clone());
-    let default = if cfg!(any(target_arch = "arm", target_arch = "aarch64")) { DmaVersion::V3 } else { DmaVersion::V2 };
+    let default = if cfg!(any(target_arch = "arm", target_arch = "aarch64")) {
+        DmaVersion::V3
+    } else {
+        DmaVersion::V2
+    };
     let e = Enabler::create(&device, EnablerConfig::new(Profile::Packet, 4096)).unwrap();
     assert_eq!(e.version(), default);
     let e = Enabler::create(&device, EnablerConfig::new(Profile::System, 4096)).unwrap();
     assert_eq!(e.version(), DmaVersion::V3, "system profiles force v3");
-    let e = Enabler::create(&device, EnablerConfig::new(Profile::Packet, 4096).with_version(DmaVersion::V3)).unwrap();
+    let e = Enabler::create(
+        &device,
+        EnablerConfig::new(Profile::Packet, 4096).with_version(DmaVersion::V3),
+    )
+    .unwrap();
     assert_eq!(e.version(), DmaVersion::V3);
     assert_eq!(e.address_bits(), 32);
     let e = Enabler::create(&device, EnablerConfig::new(Profile::Packet64, 4096)).unwrap();

@@ -3,7 +3,10 @@
 mod common;
 
 use common::{Log, Tx, assert_clean, buffer, enabler, record, run_to_end, sim};
-use dmatx::{Call, Completion, Direction, DmaDevice, DmaVersion, Enabler, EnablerConfig, Error, Profile, State};
+use dmatx::{
+    Call, Completion, Direction, DmaDevice, DmaVersion, Enabler, EnablerConfig, Error, Profile,
+    State,
+};
 use std::sync::Arc;
 
 const W: Direction = Direction::WriteToDevice;
@@ -12,7 +15,13 @@ const R: Direction = Direction::ReadFromDevice;
 #[test]
 fn stmt_038_execute_on_created_is_misuse() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V2,
+    ))
+    .unwrap();
     let log = Log::new();
     let e = t.execute(log.clone()).unwrap_err();
     let m = e.misuse().expect("misuse");
@@ -26,12 +35,22 @@ fn stmt_038_execute_on_created_is_misuse() {
 #[test]
 fn stmt_039_second_execute_is_misuse() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000)
+        .unwrap();
     let log = Log::new();
     t.execute(log.clone()).unwrap();
     let e = t.execute(Log::new()).unwrap_err();
-    assert_eq!(e.misuse().map(|m| (m.call, m.state)), Some((Call::Execute, State::Transfer)));
+    assert_eq!(
+        e.misuse().map(|m| (m.call, m.state)),
+        Some((Call::Execute, State::Transfer))
+    );
     assert_eq!(log.count(), 1, "the running transaction is untouched");
     run_to_end(&t).1.unwrap();
     assert_eq!(log.count(), 3);
@@ -41,21 +60,34 @@ fn stmt_039_second_execute_is_misuse() {
 
 #[test]
 fn stmt_040_041_042_split_into_fragment_length_transfers() {
-    for profile in [Profile::Packet64, Profile::ScatterGather64, Profile::ScatterGather64Duplex] {
+    for profile in [
+        Profile::Packet64,
+        Profile::ScatterGather64,
+        Profile::ScatterGather64Duplex,
+    ] {
         for length in [1u64, 4095, 4096, 4097, 65536, 100_000] {
             let sim = sim(2); // F = 4 KiB
             let e = enabler(&sim, profile, 1 << 20, DmaVersion::V3);
             assert_eq!(e.fragment_length(W), 4096);
             let t = Tx::create(&e).unwrap();
-            t.initialize_using_offset(record, W, buffer(&sim, length, 0), 0, length).unwrap();
+            t.initialize_using_offset(record, W, buffer(&sim, length, 0), 0, length)
+                .unwrap();
             let log = Log::new();
             t.execute(log.clone()).unwrap();
             let (completions, status) = run_to_end(&t);
             status.unwrap();
             let calls = log.calls();
-            assert_eq!(calls.len() as u64, length.div_ceil(4096), "{profile:?} {length}");
+            assert_eq!(
+                calls.len() as u64,
+                length.div_ceil(4096),
+                "{profile:?} {length}"
+            );
             assert_eq!(completions, calls.len());
-            assert!(calls.iter().all(|c| c.current_length <= 4096 && c.current_length > 0));
+            assert!(
+                calls
+                    .iter()
+                    .all(|c| c.current_length <= 4096 && c.current_length > 0)
+            );
             assert!(calls.iter().all(|c| c.sg_bytes() == c.current_length));
             let sum: u64 = calls.iter().map(|c| c.current_length).sum();
             assert_eq!(sum, length);
@@ -70,8 +102,15 @@ fn stmt_040_041_042_split_into_fragment_length_transfers() {
 #[test]
 fn stmt_043_longer_than_maximum_length_is_split() {
     let sim = sim(64);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 10_000, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 1 << 20, 0), 0, 1 << 20).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        10_000,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 1 << 20, 0), 0, 1 << 20)
+        .unwrap();
     let log = Log::new();
     t.execute(log.clone()).unwrap();
     run_to_end(&t).1.unwrap();
@@ -85,8 +124,10 @@ fn stmt_044_context_passed_unchanged_to_every_program_dma() {
     let sim = sim(2);
     let e = enabler(&sim, Profile::ScatterGather64, 1 << 20, DmaVersion::V3);
     let (a, b) = (Tx::create(&e).unwrap(), Tx::create(&e).unwrap());
-    a.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000).unwrap();
-    b.initialize_using_offset(record, R, buffer(&sim, 9000, 0), 0, 9000).unwrap();
+    a.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000)
+        .unwrap();
+    b.initialize_using_offset(record, R, buffer(&sim, 9000, 0), 0, 9000)
+        .unwrap();
     let (la, lb) = (Log::tagged(1), Log::tagged(2));
     a.execute(la.clone()).unwrap();
     b.execute(lb.clone()).unwrap();
@@ -98,7 +139,11 @@ fn stmt_044_context_passed_unchanged_to_every_program_dma() {
     assert!(lb.calls().iter().all(|c| c.direction == R));
     a.release().unwrap();
     b.release().unwrap();
-    assert_eq!(Arc::strong_count(&la), 1, "the context is dropped when the run ends");
+    assert_eq!(
+        Arc::strong_count(&la),
+        1,
+        "the context is dropped when the run ends"
+    );
     assert_clean(&sim);
 }
 
@@ -107,7 +152,8 @@ fn stmt_045_packet_lists_have_exactly_one_element() {
     let sim = sim(8);
     for v in [DmaVersion::V2, DmaVersion::V3] {
         let t = Tx::create(&enabler(&sim, Profile::Packet, 1 << 16, v)).unwrap();
-        t.initialize_using_offset(record, W, buffer(&sim, 50_000, 0x123), 0, 50_000).unwrap();
+        t.initialize_using_offset(record, W, buffer(&sim, 50_000, 0x123), 0, 50_000)
+            .unwrap();
         let log = Log::new();
         t.execute(log.clone()).unwrap();
         run_to_end(&t).1.unwrap();
@@ -121,21 +167,40 @@ fn stmt_045_packet_lists_have_exactly_one_element() {
 #[test]
 fn stmt_046_set_maximum_length() {
     let sim = sim(4); // F = 12 KiB
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 1 << 20, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 40_000, 0), 0, 40_000).unwrap();
-    assert_eq!(t.set_maximum_length(12288), Ok(false), "equal to F: ignored");
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        1 << 20,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 40_000, 0), 0, 40_000)
+        .unwrap();
+    assert_eq!(
+        t.set_maximum_length(12288),
+        Ok(false),
+        "equal to F: ignored"
+    );
     assert_eq!(t.set_maximum_length(1 << 30), Ok(false), "above F: ignored");
     assert_eq!(t.maximum_transfer_length(), 12288);
     assert_eq!(t.set_maximum_length(0), Err(Error::InvalidParameter));
     assert_eq!(t.set_maximum_length(3000), Ok(true));
     let log = Log::new();
     t.execute(log.clone()).unwrap();
-    assert_eq!(t.set_maximum_length(100), Err(Error::InvalidDeviceRequest), "not while executing");
+    assert_eq!(
+        t.set_maximum_length(100),
+        Err(Error::InvalidDeviceRequest),
+        "not while executing"
+    );
     run_to_end(&t).1.unwrap();
     assert_eq!(log.count(), 14);
     assert!(log.calls().iter().all(|c| c.current_length <= 3000));
     t.release().unwrap();
-    assert_eq!(t.set_maximum_length(100), Err(Error::InvalidDeviceRequest), "not before initialize");
+    assert_eq!(
+        t.set_maximum_length(100),
+        Err(Error::InvalidDeviceRequest),
+        "not before initialize"
+    );
     assert_clean(&sim);
 }
 
@@ -143,11 +208,18 @@ fn stmt_046_set_maximum_length() {
 fn stmt_047_048_v2_packet_slot_is_device_wide() {
     let sim = sim(8);
     let device = DmaDevice::new(sim.clone());
-    let config = EnablerConfig::new(Profile::Packet, 8192).with_version(DmaVersion::V2).with_verifier(false);
-    let (e1, e2) = (Enabler::create(&device, config).unwrap(), Enabler::create(&device, config).unwrap());
+    let config = EnablerConfig::new(Profile::Packet, 8192)
+        .with_version(DmaVersion::V2)
+        .with_verifier(false);
+    let (e1, e2) = (
+        Enabler::create(&device, config).unwrap(),
+        Enabler::create(&device, config).unwrap(),
+    );
     let (a, b) = (Tx::create(&e1).unwrap(), Tx::create(&e2).unwrap());
-    a.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000).unwrap();
-    b.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100).unwrap();
+    a.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000)
+        .unwrap();
+    b.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100)
+        .unwrap();
     a.execute(Log::new()).unwrap();
     assert!(e2.packet_slot_taken());
     assert_eq!(b.execute(Log::new()), Err(Error::WdfBusy));
@@ -170,8 +242,10 @@ fn stmt_049_v3_packet_transactions_run_concurrently() {
     let sim = sim(8);
     let e = enabler(&sim, Profile::Packet64, 8192, DmaVersion::V3);
     let (a, b) = (Tx::create(&e).unwrap(), Tx::create(&e).unwrap());
-    a.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000).unwrap();
-    b.initialize_using_offset(record, R, buffer(&sim, 20000, 0), 0, 20000).unwrap();
+    a.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000)
+        .unwrap();
+    b.initialize_using_offset(record, R, buffer(&sim, 20000, 0), 0, 20000)
+        .unwrap();
     let (la, lb) = (Log::new(), Log::new());
     a.execute(la.clone()).unwrap();
     b.execute(lb.clone()).unwrap();
@@ -191,7 +265,8 @@ fn stmt_051_052_immediate_execution() {
     let adapter = e.adapter(W).unwrap().clone();
     let t = Tx::create(&e).unwrap();
     t.set_immediate_execution(true).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     assert!(t.immediate_execution());
     // 51: no registers free → InsufficientResources, program-DMA never called.
     adapter.exhaust(4);
@@ -217,7 +292,10 @@ fn stmt_051_052_immediate_execution() {
 fn stmt_053_immediate_execution_on_v2_has_no_effect() {
     let sim = sim(4);
     let t = Tx::create(&enabler(&sim, Profile::Packet64, 8192, DmaVersion::V2)).unwrap();
-    assert_eq!(t.set_immediate_execution(true), Err(Error::InvalidDeviceRequest));
+    assert_eq!(
+        t.set_immediate_execution(true),
+        Err(Error::InvalidDeviceRequest)
+    );
     assert!(!t.immediate_execution());
     assert_clean(&sim);
 }
@@ -228,7 +306,8 @@ fn queued_execution_runs_when_registers_return() {
     let e = enabler(&sim, Profile::ScatterGather64, 1 << 20, DmaVersion::V3);
     let adapter = e.adapter(W).unwrap().clone();
     let t = Tx::create(&e).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 12288, 0), 0, 12288).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 12288, 0), 0, 12288)
+        .unwrap();
     adapter.exhaust(4);
     let log = Log::new();
     t.execute(log.clone()).unwrap();

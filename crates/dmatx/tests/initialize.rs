@@ -11,14 +11,24 @@ const W: Direction = Direction::WriteToDevice;
 #[test]
 fn stmt_018_zero_length_is_invalid_and_leaves_state() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2)).unwrap();
-    let e = t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 0).unwrap_err();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    let e = t
+        .initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 0)
+        .unwrap_err();
     assert_eq!(e.error, Error::InvalidParameter);
     assert_eq!(e.buffer.len(), 4096, "the buffer comes back");
     assert_eq!(t.state(), State::Created);
     // Same from Released.
     t.release().unwrap();
-    let e = t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 0).unwrap_err();
+    let e = t
+        .initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 0)
+        .unwrap_err();
     assert_eq!(e.error, Error::InvalidParameter);
     assert_eq!(t.state(), State::Released);
     drop((e, t));
@@ -28,18 +38,27 @@ fn stmt_018_zero_length_is_invalid_and_leaves_state() {
 #[test]
 fn stmt_019_va_outside_first_segment_is_invalid() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     let b = sim.allocate_chain(&[(3000, 0x10), (5000, 0)]).unwrap();
     let start = dmatx::hal::MemoryDescriptor::segment(&b, 0).va;
     // One byte before, at the end of the first segment, far beyond.
     for bad in [start.get() - 1, start.get() + 3000, start.get() + 1_000_000] {
         let b = sim.allocate_chain(&[(3000, 0x10), (5000, 0)]).unwrap();
-        let e = t.initialize(record, W, b, dmatx::VirtAddr::new(bad), 100).unwrap_err();
+        let e = t
+            .initialize(record, W, b, dmatx::VirtAddr::new(bad), 100)
+            .unwrap_err();
         assert_eq!(e.error, Error::InvalidParameter, "va {bad:#x}");
         assert_eq!(t.state(), State::Created);
     }
     // Inside: accepted, offset = va − start.
-    t.initialize(record, W, b, dmatx::VirtAddr::new(start.get() + 2999), 5001).unwrap();
+    t.initialize(record, W, b, dmatx::VirtAddr::new(start.get() + 2999), 5001)
+        .unwrap();
     assert_eq!(t.state(), State::Initialized);
     t.release().unwrap();
     assert_clean(&sim);
@@ -48,10 +67,18 @@ fn stmt_019_va_outside_first_segment_is_invalid() {
 #[test]
 fn stmt_020_offset_at_or_past_first_segment_is_invalid() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     for offset in [3000u64, 3001, 7999, u64::MAX] {
         let b = sim.allocate_chain(&[(3000, 0), (5000, 0)]).unwrap();
-        let e = t.initialize_using_offset(record, W, b, offset, 1).unwrap_err();
+        let e = t
+            .initialize_using_offset(record, W, b, offset, 1)
+            .unwrap_err();
         assert_eq!(e.error, Error::InvalidParameter, "offset {offset}");
     }
     assert_eq!(t.state(), State::Created);
@@ -63,10 +90,13 @@ fn stmt_021_v2_packet_rejects_buffers_past_first_segment_v3_accepts() {
     let sim = sim(8);
     let v2 = Tx::create(&enabler(&sim, Profile::Packet64, 8192, DmaVersion::V2)).unwrap();
     let b = sim.allocate_chain(&[(3000, 0), (5000, 0)]).unwrap();
-    let e = v2.initialize_using_offset(record, W, b, 100, 4000).unwrap_err();
+    let e = v2
+        .initialize_using_offset(record, W, b, 100, 4000)
+        .unwrap_err();
     assert_eq!(e.error, Error::InvalidParameter);
     // Within the first segment is fine on v2.
-    v2.initialize_using_offset(record, W, e.buffer, 100, 2900).unwrap();
+    v2.initialize_using_offset(record, W, e.buffer, 100, 2900)
+        .unwrap();
     v2.release().unwrap();
 
     let v3 = Tx::create(&enabler(&sim, Profile::Packet64, 8192, DmaVersion::V3)).unwrap();
@@ -87,10 +117,22 @@ fn stmt_021_v2_packet_rejects_buffers_past_first_segment_v3_accepts() {
 #[test]
 fn length_past_end_of_buffer_is_buffer_too_small() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     for (offset, length) in [(0u64, 4097u64), (100, 3997), (4095, 2), (0, u64::MAX)] {
-        let e = t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), offset, length).unwrap_err();
-        let want = if length > u64::from(u32::MAX) { Error::InvalidParameter } else { Error::BufferTooSmall };
+        let e = t
+            .initialize_using_offset(record, W, buffer(&sim, 4096, 0), offset, length)
+            .unwrap_err();
+        let want = if length > u64::from(u32::MAX) {
+            Error::InvalidParameter
+        } else {
+            Error::BufferTooSmall
+        };
         assert_eq!(e.error, want, "offset {offset} length {length}");
         assert_eq!(t.state(), State::Created);
     }
@@ -101,9 +143,17 @@ fn length_past_end_of_buffer_is_buffer_too_small() {
 fn lengths_of_4_gib_or_more_are_rejected() {
     // KMDF narrows the length to 32 bits and wraps silently (docs/quirks.md).
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     for length in [1u64 << 32, (1 << 32) + 4096, u64::MAX] {
-        let e = t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, length).unwrap_err();
+        let e = t
+            .initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, length)
+            .unwrap_err();
         assert_eq!(e.error, Error::InvalidParameter);
     }
     assert_clean(&sim);
@@ -112,9 +162,18 @@ fn lengths_of_4_gib_or_more_are_rejected() {
 #[test]
 fn stmt_027_initializing_an_initialized_transaction_is_misuse() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096).unwrap();
-    let e = t.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100).unwrap_err();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096)
+        .unwrap();
+    let e = t
+        .initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100)
+        .unwrap_err();
     let m = e.error.misuse().expect("misuse");
     assert_eq!((m.call, m.state), (Call::Initialize, State::Initialized));
     assert_eq!(e.buffer.len(), 100, "the second buffer comes back");
@@ -128,14 +187,26 @@ fn stmt_027_initializing_an_initialized_transaction_is_misuse() {
 #[test]
 fn stmt_028_initializing_a_completed_transaction_without_release_is_misuse() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     run_to_end(&t).1.unwrap();
     assert_eq!(t.state(), State::TransferCompleted);
-    let e = t.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100).unwrap_err();
+    let e = t
+        .initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100)
+        .unwrap_err();
     let m = e.error.misuse().expect("misuse");
-    assert_eq!((m.call, m.state), (Call::Initialize, State::TransferCompleted));
+    assert_eq!(
+        (m.call, m.state),
+        (Call::Initialize, State::TransferCompleted)
+    );
     assert_eq!(t.state(), State::TransferCompleted);
     assert_eq!(t.bytes_transferred(), 4096);
     t.release().unwrap();
@@ -149,12 +220,18 @@ fn stmt_029_failure_after_state_check_leaves_released_with_immediate_cleared() {
     e.set_max_sg_elements(2).unwrap();
     let t = Tx::create(&e).unwrap();
     t.set_immediate_execution(true).unwrap();
-    let err = t.initialize_using_offset(record, W, buffer(&sim, 8192, 0x100), 0, 8192).unwrap_err();
+    let err = t
+        .initialize_using_offset(record, W, buffer(&sim, 8192, 0x100), 0, 8192)
+        .unwrap_err();
     assert_eq!(err.error, Error::WdfTooFragmented);
     assert_eq!(t.state(), State::Released);
-    assert!(!t.immediate_execution(), "a failed initialize clears immediate execution");
+    assert!(
+        !t.immediate_execution(),
+        "a failed initialize clears immediate execution"
+    );
     // Re-initializable.
-    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     assert_eq!(t.state(), State::Initialized);
     t.release().unwrap();
     drop(err);
@@ -168,9 +245,12 @@ fn stmt_030_sg_precheck_page_offset_too_fragmented() {
     e.set_max_sg_elements(2).unwrap();
     assert_eq!(e.fragment_length(W), 8192);
     let t = Tx::create(&e).unwrap();
-    let err = t.initialize_using_offset(record, W, buffer(&sim, 8192, 0x100), 0, 8192).unwrap_err();
+    let err = t
+        .initialize_using_offset(record, W, buffer(&sim, 8192, 0x100), 0, 8192)
+        .unwrap_err();
     assert_eq!(err.error, Error::WdfTooFragmented);
-    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     assert_eq!(run_to_end(&t), (1, Ok(())));
     t.release().unwrap();
@@ -184,7 +264,9 @@ fn stmt_031_sg_precheck_counts_pages_even_when_contiguous() {
     let e = enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2);
     e.set_max_sg_elements(2).unwrap();
     let t = Tx::create(&e).unwrap();
-    let err = t.initialize_using_offset(record, W, contiguous(&sim, 8192, 0x100), 0, 8192).unwrap_err();
+    let err = t
+        .initialize_using_offset(record, W, contiguous(&sim, 8192, 0x100), 0, 8192)
+        .unwrap_err();
     assert_eq!(err.error, Error::WdfTooFragmented);
     drop(err);
     assert_clean(&sim);
@@ -196,7 +278,8 @@ fn stmt_032_lowering_f_after_initialize_does_not_rerun_precheck() {
     let e = enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2);
     e.set_max_sg_elements(2).unwrap();
     let t = Tx::create(&e).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 16384, 0), 0, 16384).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 16384, 0), 0, 16384)
+        .unwrap();
     assert_eq!(t.set_maximum_length(5000), Ok(true));
     assert_eq!(t.state(), State::Initialized);
     let log = Log::new();
@@ -219,12 +302,15 @@ fn single(sim: &dmatx_sim::SimPlatform, profile: Profile, max: u64) -> std::sync
 fn stmt_033_single_transfer_longer_than_maximum_length() {
     let sim = sim(64);
     let t = single(&sim, Profile::ScatterGather64, 8192);
-    let err = t.initialize_using_offset(record, W, buffer(&sim, 8193, 0), 0, 8193).unwrap_err();
+    let err = t
+        .initialize_using_offset(record, W, buffer(&sim, 8193, 0), 0, 8193)
+        .unwrap_err();
     assert_eq!(err.error, Error::WdfTooManyTransfers);
     assert_eq!(t.state(), State::Released);
     // Exactly the maximum: one transfer.
     t.set_single_transfer_requirement(true).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     assert_eq!(run_to_end(&t), (1, Ok(())));
     t.release().unwrap();
@@ -237,10 +323,13 @@ fn stmt_034_single_transfer_needing_more_map_registers_than_available() {
     let sim = sim(4);
     let t = single(&sim, Profile::ScatterGather64, 1 << 20);
     // 4 pages at offset 0x10 span 5 pages > N = 4.
-    let err = t.initialize_using_offset(record, W, buffer(&sim, 16384, 0x10), 0, 16384).unwrap_err();
+    let err = t
+        .initialize_using_offset(record, W, buffer(&sim, 16384, 0x10), 0, 16384)
+        .unwrap_err();
     assert_eq!(err.error, Error::WdfNotEnoughMapRegisters);
     t.set_single_transfer_requirement(true).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 16384, 0), 0, 16384).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 16384, 0), 0, 16384)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     assert_eq!(run_to_end(&t), (1, Ok(())));
     t.release().unwrap();
@@ -253,11 +342,14 @@ fn stmt_035_single_transfer_packet_needing_two_elements_is_too_fragmented() {
     let sim = sim(8);
     let t = single(&sim, Profile::Packet64, 1 << 20);
     // Scattered pages: two physical runs.
-    let err = t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap_err();
+    let err = t
+        .initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap_err();
     assert_eq!(err.error, Error::WdfTooFragmented);
     // Physically contiguous: one element.
     t.set_single_transfer_requirement(true).unwrap();
-    t.initialize_using_offset(record, W, contiguous(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, contiguous(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     let log = Log::new();
     t.execute(log.clone()).unwrap();
     assert_eq!(run_to_end(&t), (1, Ok(())));
@@ -270,16 +362,35 @@ fn stmt_035_single_transfer_packet_needing_two_elements_is_too_fragmented() {
 #[test]
 fn stmt_036_single_transfer_requirement_on_initialized_has_no_effect() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V3)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000).unwrap();
-    assert_eq!(t.set_single_transfer_requirement(true), Err(Error::InvalidDeviceRequest));
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 20000, 0), 0, 20000)
+        .unwrap();
+    assert_eq!(
+        t.set_single_transfer_requirement(true),
+        Err(Error::InvalidDeviceRequest)
+    );
     assert!(!t.single_transfer_requirement());
     t.execute(Log::new()).unwrap();
     assert_eq!(run_to_end(&t), (3, Ok(())), "still split normally");
     t.release().unwrap();
     // v2: no effect at all.
-    let v2 = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V2)).unwrap();
-    assert_eq!(v2.set_single_transfer_requirement(true), Err(Error::InvalidDeviceRequest));
+    let v2 = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    assert_eq!(
+        v2.set_single_transfer_requirement(true),
+        Err(Error::InvalidDeviceRequest)
+    );
     assert!(!v2.single_transfer_requirement());
     assert_clean(&sim);
 }
@@ -287,9 +398,16 @@ fn stmt_036_single_transfer_requirement_on_initialized_has_no_effect() {
 #[test]
 fn stmt_037_release_restores_single_transfer_default() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 8192, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     t.set_single_transfer_requirement(true).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096)
+        .unwrap();
     t.release().unwrap();
     assert!(!t.single_transfer_requirement());
 

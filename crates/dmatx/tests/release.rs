@@ -11,8 +11,15 @@ const R: Direction = Direction::ReadFromDevice;
 #[test]
 fn stmt_074_release_of_released_is_a_no_op() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 4096, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        4096,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100)
+        .unwrap();
     assert_eq!(t.release().unwrap().map(|b| b.len()), Some(100));
     assert_eq!(t.state(), State::Released);
     assert!(t.release().unwrap().is_none());
@@ -29,12 +36,17 @@ fn stmt_074_release_of_released_is_a_no_op() {
 fn stmt_075_release_while_executing_is_misuse() {
     let sim = sim(8);
     let t = Tx::create(&enabler(&sim, Profile::Packet64, 4096, DmaVersion::V2)).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     let m = *t.release().unwrap_err().misuse().unwrap();
     assert_eq!((m.call, m.state), (Call::Release, State::Transfer));
     assert_eq!(t.state(), State::Transfer);
-    assert_eq!(t.current_transfer_length(), 4096, "the transfer is untouched");
+    assert_eq!(
+        t.current_transfer_length(),
+        4096,
+        "the transfer is untouched"
+    );
     run_to_end(&t).1.unwrap();
     t.release().unwrap();
     assert_clean(&sim);
@@ -48,11 +60,16 @@ fn stmt_076_delete_while_executing_quarantines_buffer_and_registers() {
     let sim = sim(8);
     let e = enabler(&sim, Profile::Packet64, 4096, DmaVersion::V3);
     let t = Tx::create(&e).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     drop(t);
     let adapter = e.adapter(W).unwrap();
-    assert_eq!(adapter.free_registers(), 8 - 2, "the run's 2 registers stay out of the pool");
+    assert_eq!(
+        adapter.free_registers(),
+        8 - 2,
+        "the run's 2 registers stay out of the pool"
+    );
     let complaint = sim.check_clean().unwrap_err();
     assert!(complaint.contains("register"), "{complaint}");
 }
@@ -60,9 +77,16 @@ fn stmt_076_delete_while_executing_quarantines_buffer_and_registers() {
 #[test]
 fn stmt_077_release_resets_bytes_and_immediate_execution() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64, 4096, DmaVersion::V3)).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        4096,
+        DmaVersion::V3,
+    ))
+    .unwrap();
     t.set_immediate_execution(true).unwrap();
-    t.initialize_using_offset(record, W, buffer(&sim, 6000, 0), 0, 6000).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 6000, 0), 0, 6000)
+        .unwrap();
     t.execute(Log::new()).unwrap();
     run_to_end(&t).1.unwrap();
     assert_eq!(t.bytes_transferred(), 6000);
@@ -76,9 +100,19 @@ fn stmt_077_release_resets_bytes_and_immediate_execution() {
 #[test]
 fn stmt_078_reuse_with_another_direction_and_buffer() {
     let sim = sim(8);
-    let t = Tx::create(&enabler(&sim, Profile::ScatterGather64Duplex, 4096, DmaVersion::V2)).unwrap();
-    for (round, (dir, len)) in [(W, 10_000u64), (R, 3000), (W, 4096), (R, 123_457)].into_iter().enumerate() {
-        t.initialize_using_offset(record, dir, buffer(&sim, len, round as u64 * 100), 0, len).unwrap();
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64Duplex,
+        4096,
+        DmaVersion::V2,
+    ))
+    .unwrap();
+    for (round, (dir, len)) in [(W, 10_000u64), (R, 3000), (W, 4096), (R, 123_457)]
+        .into_iter()
+        .enumerate()
+    {
+        t.initialize_using_offset(record, dir, buffer(&sim, len, round as u64 * 100), 0, len)
+            .unwrap();
         let log = Log::new();
         t.execute(log.clone()).unwrap();
         run_to_end(&t).1.unwrap();

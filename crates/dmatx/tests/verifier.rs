@@ -26,33 +26,54 @@ fn verifier_panics_on_misuse_and_leaves_the_object_usable() {
     assert!(e.verifier());
     let t = Tx::create(&e).unwrap();
 
-    let text = panic_text(|| { let _ = t.execute(Log::new()); });
-    assert!(text.contains("Execute") && text.contains("Created"), "{text}");
+    let text = panic_text(|| {
+        let _ = t.execute(Log::new());
+    });
+    assert!(
+        text.contains("Execute") && text.contains("Created"),
+        "{text}"
+    );
     assert_eq!(t.state(), State::Created);
 
-    let text = panic_text(|| { let _ = t.dma_completed(); });
-    assert!(text.contains("DmaCompleted") && text.contains("Created"), "{text}");
+    let text = panic_text(|| {
+        let _ = t.dma_completed();
+    });
+    assert!(
+        text.contains("DmaCompleted") && text.contains("Created"),
+        "{text}"
+    );
 
-    let text = panic_text(|| { let _ = t.cancel(); });
+    let text = panic_text(|| {
+        let _ = t.cancel();
+    });
     assert!(text.contains("Cancel"), "{text}");
 
     // The object still works.
-    t.initialize_using_offset(record, Direction::WriteToDevice, buffer(&sim, 9000, 0), 0, 9000)
-        .unwrap();
+    t.initialize_using_offset(
+        record,
+        Direction::WriteToDevice,
+        buffer(&sim, 9000, 0),
+        0,
+        9000,
+    )
+    .unwrap();
     let text = panic_text(|| {
-        let again = t.initialize_using_offset(
-            record,
-            Direction::WriteToDevice,
-            buffer(&sim, 10, 0),
-            0,
-            10,
-        );
+        let again =
+            t.initialize_using_offset(record, Direction::WriteToDevice, buffer(&sim, 10, 0), 0, 10);
         drop(again);
     });
-    assert!(text.contains("Initialize") && text.contains("Initialized"), "{text}");
+    assert!(
+        text.contains("Initialize") && text.contains("Initialized"),
+        "{text}"
+    );
     t.execute(Log::new()).unwrap();
-    let text = panic_text(|| { let _ = t.release(); });
-    assert!(text.contains("Release") && text.contains("Transfer"), "{text}");
+    let text = panic_text(|| {
+        let _ = t.release();
+    });
+    assert!(
+        text.contains("Release") && text.contains("Transfer"),
+        "{text}"
+    );
     run_to_end(&t).1.unwrap();
     t.release().unwrap();
     assert_clean(&sim);

@@ -57,7 +57,10 @@ impl Log {
     }
 
     pub fn tagged(tag: u32) -> Arc<Self> {
-        Arc::new(Self { tag, ..Self::default() })
+        Arc::new(Self {
+            tag,
+            ..Self::default()
+        })
     }
 
     pub fn calls(&self) -> Vec<Programmed> {
@@ -111,7 +114,10 @@ pub fn record(t: &Tx, log: &Arc<Log>, direction: Direction, sg: &[SgElement]) ->
 /// A simulated machine whose adapters get `n` map registers, mapping directly, with scattered
 /// pages.
 pub fn sim(n: u32) -> SimPlatform {
-    SimConfig::new().map_registers(n).build().expect("sim platform")
+    SimConfig::new()
+        .map_registers(n)
+        .build()
+        .expect("sim platform")
 }
 
 /// `len` bytes starting `page_offset` bytes into the first page, pages scattered.
@@ -121,12 +127,20 @@ pub fn buffer(sim: &SimPlatform, len: u64, page_offset: u64) -> SimBuffer {
 
 /// `len` bytes on physically consecutive pages.
 pub fn contiguous(sim: &SimPlatform, len: u64, page_offset: u64) -> SimBuffer {
-    sim.allocate_buffer_with(len, page_offset, Placement::Contiguous).expect("sim memory")
+    sim.allocate_buffer_with(len, page_offset, Placement::Contiguous)
+        .expect("sim memory")
 }
 
 /// An enabler with the verifier off.
-pub fn enabler(sim: &SimPlatform, profile: Profile, max: u64, v: DmaVersion) -> Enabler<SimPlatform> {
-    let config = EnablerConfig::new(profile, max).with_version(v).with_verifier(false);
+pub fn enabler(
+    sim: &SimPlatform,
+    profile: Profile,
+    max: u64,
+    v: DmaVersion,
+) -> Enabler<SimPlatform> {
+    let config = EnablerConfig::new(profile, max)
+        .with_version(v)
+        .with_verifier(false);
     Enabler::create(&DmaDevice::new(sim.clone()), config).expect("enabler")
 }
 

@@ -1,1 +1,2 @@
+//! The `dmatx` command (placeholder until the demo lands).
 fn main() {}

@@ -1,1 +1,608 @@
-fn main() {}
+//! Project automation for dmatx: `cargo xtask <tier>`.
+//!
+//! Each tier is a short list of steps, each one a plain `cargo` command run with
+//! [`std::process::Command`]. Steps print a banner with their wall time, a tier stops at the
+//! first failing step, and it ends with a summary table and the closing line
+//! `N passed, M failed[, K skipped]` that CI reads.
+//!
+//! Tiers:
+//!
+//! * `test`  — what CI runs (`.ci/run`): fmt, clippy, build, tests, loom smoke.
+//! * `loom`  — every loom model (`crates/*/tests/loom*.rs`) under `--cfg loom`.
+//! * `miri`  — the library unit tests under Miri (nightly toolchain).
+//! * `bench` — the criterion benchmarks of `dmatx`.
+
+use std::env;
+use std::ffi::OsString;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+/// Usage text printed by `--help`, `help` and when no tier is given.
+const USAGE: &str = "\
+usage: cargo xtask <tier> [args]
+
+tiers:
+  test                 what CI runs: fmt check, clippy -D warnings, build, cargo test
+                       (debug, verifier on), loom smoke (LOOM_MAX_PREEMPTIONS=2)
+  loom [-- <filter>]   all loom models in crates/*/tests/loom*.rs, release, --cfg loom,
+                       LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}, target dir target/loom
+  miri                 Miri over the library unit tests (needs nightly + miri + rust-src;
+                       installs them with rustup if missing; MIRIFLAGS defaults to
+                       -Zmiri-strict-provenance). Exit 2 if Miri cannot be had, or 0 with
+                       DMATX_ALLOW_SKIP=1
+  bench [cargo-args] [-- <criterion-args>]
+                       cargo bench -p dmatx, then where criterion wrote its results
+  help, --help, -h     this text
+
+exit codes: 0 all steps passed (or skipped), 1 a step failed, 2 usage error or miri unavailable";
+
+/// Loom's preemption bound for the smoke run inside the `test` tier.
+const LOOM_SMOKE_PREEMPTIONS: &str = "2";
+
+/// Default loom preemption bound for the `loom` tier (overridden by `LOOM_MAX_PREEMPTIONS`).
+const LOOM_DEFAULT_PREEMPTIONS: &str = "3";
+
+/// Default `MIRIFLAGS` for the `miri` tier when the environment sets none.
+const MIRI_DEFAULT_FLAGS: &str = "-Zmiri-strict-provenance";
+
+/// Entry point: dispatches on the first argument to one tier function.
+fn main() -> ExitCode {
+    let mut args = env::args().skip(1);
+    let tier = args.next();
+    let rest: Vec<String> = args.collect();
+    match tier.as_deref() {
+        None | Some("help" | "--help" | "-h") => {
+            // Ignore a closed pipe (`cargo xtask --help | head`) rather than panicking.
+            let _ = writeln!(std::io::stdout(), "{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("test") => tier_test(),
+        Some("loom") => tier_loom(&rest),
+        Some("miri") => tier_miri(),
+        Some("bench") => tier_bench(&rest),
+        Some(other) => {
+            eprintln!(
+                "xtask: unknown tier `{other}` (expected one of: test, loom, miri, bench; see `cargo xtask --help`)"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiers
+// ---------------------------------------------------------------------------------------------
+
+/// `test`: the CI tier. fmt, clippy, build, `cargo test` in debug (so the verifier mode that
+/// rides on `debug_assertions` is on), then a loom smoke run if `crates/dmatx/tests/loom.rs`
+/// exists.
+fn tier_test() -> ExitCode {
+    let root = repo_root();
+    let mut run = Run::new("test");
+
+    run.step("fmt", cargo(&root, &["fmt", "--all", "--", "--check"]));
+    run.step(
+        "clippy",
+        cargo(
+            &root,
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+    );
+    run.step(
+        "build",
+        cargo(&root, &["build", "--workspace", "--all-targets"]),
+    );
+    run.step("test", cargo(&root, &["test", "--workspace"]));
+
+    let loom_file = root.join("crates/dmatx/tests/loom.rs");
+    if loom_file.is_file() {
+        let mut cmd = loom_command(&root, "dmatx", &["loom".to_owned()], &[]);
+        cmd.env("LOOM_MAX_PREEMPTIONS", LOOM_SMOKE_PREEMPTIONS);
+        run.step("loom smoke", cmd);
+    } else {
+        run.skip("loom smoke", "crates/dmatx/tests/loom.rs not present");
+    }
+
+    run.finish()
+}
+
+/// `loom`: every loom model file `crates/*/tests/loom*.rs`, one cargo invocation per package,
+/// with `LOOM_MAX_PREEMPTIONS` from the environment or [`LOOM_DEFAULT_PREEMPTIONS`]. Arguments
+/// after `--` go to the test harness (e.g. a test name filter).
+fn tier_loom(args: &[String]) -> ExitCode {
+    let root = repo_root();
+    let harness_args = after_double_dash(args);
+    let preemptions =
+        env::var("LOOM_MAX_PREEMPTIONS").unwrap_or_else(|_| LOOM_DEFAULT_PREEMPTIONS.to_owned());
+    println!("xtask: LOOM_MAX_PREEMPTIONS={preemptions}");
+
+    let mut run = Run::new("loom");
+    let models = find_loom_models(&root);
+    if models.is_empty() {
+        run.skip("loom", "no crates/*/tests/loom*.rs files found");
+    }
+    for (package, tests) in &models {
+        let mut cmd = loom_command(&root, package, tests, harness_args);
+        cmd.env("LOOM_MAX_PREEMPTIONS", &preemptions);
+        run.step(&format!("loom {package} ({})", tests.join(", ")), cmd);
+    }
+    run.finish()
+}
+
+/// `miri`: library unit tests under Miri, after making sure the nightly toolchain has the
+/// `miri` and `rust-src` components (installing them with rustup if it can).
+fn tier_miri() -> ExitCode {
+    let root = repo_root();
+    if let Err(why) = ensure_miri(&root) {
+        return miri_unavailable(&why);
+    }
+
+    let flags = env::var("MIRIFLAGS").unwrap_or_else(|_| MIRI_DEFAULT_FLAGS.to_owned());
+    println!("xtask: MIRIFLAGS={flags}");
+
+    let mut run = Run::new("miri");
+    let groups: [&[&str]; 2] = [
+        &["-p", "dmatx-types", "-p", "dmatx-hal", "-p", "dmatx-sim"],
+        &["-p", "dmatx"],
+    ];
+    for packages in groups {
+        let mut argv = vec!["+nightly", "miri", "test"];
+        argv.extend_from_slice(packages);
+        argv.push("--lib");
+        let mut cmd = cargo(&root, &argv);
+        cmd.env("MIRIFLAGS", &flags);
+        let names: Vec<&str> = packages.iter().copied().filter(|a| *a != "-p").collect();
+        run.step(&format!("miri {}", names.join(" ")), cmd);
+    }
+    run.finish()
+}
+
+/// `bench`: `cargo bench -p dmatx`, arguments before `--` to cargo and after it to criterion;
+/// then prints where criterion wrote its results.
+fn tier_bench(args: &[String]) -> ExitCode {
+    let root = repo_root();
+    let (cargo_args, criterion_args) = split_double_dash(args);
+
+    let mut cmd = cargo(&root, &["bench", "-p", "dmatx"]);
+    cmd.args(cargo_args);
+    if !criterion_args.is_empty() {
+        cmd.arg("--").args(criterion_args);
+    }
+
+    let mut run = Run::new("bench");
+    run.step("bench dmatx", cmd);
+
+    let results = target_dir(&root).join("criterion");
+    if results.is_dir() {
+        println!("xtask: criterion results are in {}", results.display());
+        let html = results.join("report/index.html");
+        if html.is_file() {
+            println!("xtask: HTML report: {}", html.display());
+        }
+    } else {
+        println!(
+            "xtask: no criterion results at {} (no benchmark target ran?)",
+            results.display()
+        );
+    }
+    run.finish()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step runner and summary
+// ---------------------------------------------------------------------------------------------
+
+/// How one step ended.
+enum Outcome {
+    /// The command exited 0.
+    Passed,
+    /// The command exited non-zero or could not be started; the text says which.
+    Failed(String),
+    /// The step did not run; the text says why.
+    Skipped(String),
+}
+
+/// One row of the summary table.
+struct StepResult {
+    /// Short step name shown in banners and in the summary.
+    name: String,
+    /// How it ended.
+    outcome: Outcome,
+    /// Wall time spent running it (zero if it did not run).
+    time: Duration,
+}
+
+/// The steps of one tier: runs them in order and stops running after the first failure.
+struct Run {
+    /// Tier name, for the banners.
+    tier: &'static str,
+    /// Results so far, in order.
+    results: Vec<StepResult>,
+    /// Set once a step has failed; later steps are recorded as skipped.
+    failed: bool,
+    /// When the tier started.
+    start: Instant,
+}
+
+impl Run {
+    /// Starts an empty run of `tier`.
+    fn new(tier: &'static str) -> Self {
+        Run {
+            tier,
+            results: Vec::new(),
+            failed: false,
+            start: Instant::now(),
+        }
+    }
+
+    /// Runs `cmd` as step `name` with banners, unless an earlier step failed.
+    fn step(&mut self, name: &str, mut cmd: Command) {
+        if self.failed {
+            self.skip(name, "not run: an earlier step failed");
+            return;
+        }
+        let index = self.results.len() + 1;
+        println!();
+        println!("{}", "=".repeat(78));
+        println!(
+            "xtask {} [{index}] {name}: {}",
+            self.tier,
+            show_command(&cmd)
+        );
+        println!("{}", "=".repeat(78));
+
+        let started = Instant::now();
+        let outcome = match cmd.status() {
+            Ok(status) if status.success() => Outcome::Passed,
+            Ok(status) => Outcome::Failed(format!("{status}")),
+            Err(err) => Outcome::Failed(format!("could not start: {err}")),
+        };
+        let time = started.elapsed();
+
+        let verdict = match &outcome {
+            Outcome::Passed => "PASSED".to_owned(),
+            Outcome::Failed(why) => format!("FAILED ({why})"),
+            Outcome::Skipped(_) => unreachable!("a step that ran is not skipped"),
+        };
+        println!(
+            "----- xtask {} [{index}] {name}: {verdict} in {} -----",
+            self.tier,
+            secs(time)
+        );
+        self.failed |= matches!(outcome, Outcome::Failed(_));
+        self.results.push(StepResult {
+            name: name.to_owned(),
+            outcome,
+            time,
+        });
+    }
+
+    /// Records step `name` as skipped, printing the reason loudly.
+    fn skip(&mut self, name: &str, why: &str) {
+        if !self.failed {
+            println!();
+            println!("!!!!! SKIPPED {name}: {why} !!!!!");
+        }
+        self.results.push(StepResult {
+            name: name.to_owned(),
+            outcome: Outcome::Skipped(why.to_owned()),
+            time: Duration::ZERO,
+        });
+    }
+
+    /// Prints the summary table and the closing `N passed, M failed[, K skipped]` line, and
+    /// returns the exit code: 1 if any step failed, else 0.
+    fn finish(self) -> ExitCode {
+        let width = self
+            .results
+            .iter()
+            .map(|r| r.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+
+        println!();
+        println!(
+            "xtask {} summary ({} total)",
+            self.tier,
+            secs(self.start.elapsed())
+        );
+        println!("{:<width$}  {:<8}  {:>8}  note", "step", "result", "time");
+        for r in &self.results {
+            let (word, note) = match &r.outcome {
+                Outcome::Passed => {
+                    passed += 1;
+                    ("PASSED", String::new())
+                }
+                Outcome::Failed(why) => {
+                    failed += 1;
+                    ("FAILED", why.clone())
+                }
+                Outcome::Skipped(why) => {
+                    skipped += 1;
+                    ("SKIPPED", why.clone())
+                }
+            };
+            println!("{:<width$}  {word:<8}  {:>8}  {note}", r.name, secs(r.time));
+        }
+
+        // The closing line CI parses: exactly `N passed, M failed` (+ `, K skipped`), alone.
+        let mut closing = format!("{passed} passed, {failed} failed");
+        if skipped > 0 {
+            closing.push_str(&format!(", {skipped} skipped"));
+        }
+        println!("{closing}");
+
+        if failed > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Miri availability
+// ---------------------------------------------------------------------------------------------
+
+/// Makes sure `cargo +nightly miri` can run: rustup present, nightly with `miri` and
+/// `rust-src`, installing what is missing once; then `cargo +nightly miri setup`. Returns a
+/// description of what went wrong and what was tried on failure.
+fn ensure_miri(root: &Path) -> Result<(), String> {
+    if !Command::new("rustup")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Err("rustup is not on PATH; tried: `rustup --version`".to_owned());
+    }
+
+    let installed = installed_nightly_components();
+    let have = |c: &str| {
+        installed.as_ref().is_some_and(|list| {
+            list.iter()
+                .any(|l| l == c || l.starts_with(&format!("{c}-")))
+        })
+    };
+
+    if installed.is_none() {
+        println!("xtask: nightly toolchain missing; trying `rustup toolchain install nightly`");
+        let mut cmd = Command::new("rustup");
+        cmd.args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "miri,rust-src",
+        ]);
+        if !succeeds(&mut cmd) {
+            return Err(
+                "the nightly toolchain is not installed; tried: `rustup toolchain install \
+                 nightly --profile minimal --component miri,rust-src`, which failed"
+                    .to_owned(),
+            );
+        }
+    } else if !have("miri") || !have("rust-src") {
+        println!(
+            "xtask: nightly lacks miri/rust-src; trying `rustup +nightly component add miri rust-src`"
+        );
+        if !succeeds(Command::new("rustup").args([
+            "+nightly",
+            "component",
+            "add",
+            "miri",
+            "rust-src",
+        ])) {
+            return Err(
+                "nightly lacks the miri and/or rust-src components; tried: `rustup \
+                 +nightly component add miri rust-src`, which failed"
+                    .to_owned(),
+            );
+        }
+    }
+
+    println!("xtask: running `cargo +nightly miri setup`");
+    if !succeeds(&mut cargo(root, &["+nightly", "miri", "setup"])) {
+        return Err(
+            "miri is installed but `cargo +nightly miri setup` (building the Miri \
+             sysroot from rust-src) failed"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// The installed components of the nightly toolchain, or `None` if it is not installed.
+fn installed_nightly_components() -> Option<Vec<String>> {
+    let out = Command::new("rustup")
+        .args(["+nightly", "component", "list", "--installed"])
+        .env("RUSTUP_AUTO_INSTALL", "0")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect(),
+    )
+}
+
+/// Prints the multi-line "SKIPPED miri" message and returns exit code 0 if
+/// `DMATX_ALLOW_SKIP=1`, else 2.
+fn miri_unavailable(why: &str) -> ExitCode {
+    let allow = env::var("DMATX_ALLOW_SKIP").is_ok_and(|v| v == "1");
+    eprintln!();
+    eprintln!("!!!!! SKIPPED miri: {why}.");
+    eprintln!("!!!!! To run it on a machine with network access to the Rust toolchain server:");
+    eprintln!("!!!!!     rustup toolchain install nightly --component miri,rust-src");
+    eprintln!("!!!!!     cargo xtask miri");
+    eprintln!(
+        "!!!!! (exit code {}; set DMATX_ALLOW_SKIP=1 to make this skip exit 0)",
+        if allow { 0 } else { 2 }
+    );
+    println!("0 passed, 0 failed, 1 skipped");
+    if allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The workspace root: the parent of this crate's manifest directory.
+///
+/// Prefers the `CARGO_MANIFEST_DIR` that `cargo run` sets at run time over the one compiled in,
+/// so a moved checkout (or a copied `target/`) still points at the right tree.
+fn repo_root() -> PathBuf {
+    let manifest = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` if set, else `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+/// A `cargo` command with `args`, run from `root`.
+///
+/// Uses `cargo` from `PATH` (the rustup proxy, so `+nightly` works), not the `CARGO` that
+/// `cargo run` exports, which is the toolchain's own binary.
+fn cargo(root: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).args(args);
+    cmd
+}
+
+/// A release `cargo test -p <package> --test <t>...` under `--cfg loom`, in its own target
+/// directory (`<target>/loom`) so it does not invalidate the normal build; `harness_args` go
+/// after `--`, with `--test-threads=1` first.
+fn loom_command(root: &Path, package: &str, tests: &[String], harness_args: &[String]) -> Command {
+    let mut cmd = cargo(root, &["test", "-p", package, "--release"]);
+    for t in tests {
+        cmd.args(["--test", t]);
+    }
+    cmd.args(["--", "--test-threads=1"]).args(harness_args);
+
+    let mut rustflags = OsString::from("--cfg loom");
+    if let Some(extra) = env::var_os("RUSTFLAGS").filter(|f| !f.is_empty()) {
+        rustflags.push(" ");
+        rustflags.push(extra);
+    }
+    cmd.env("RUSTFLAGS", rustflags)
+        .env("CARGO_TARGET_DIR", target_dir(root).join("loom"));
+    cmd
+}
+
+/// Loom model files `crates/*/tests/loom*.rs`, grouped by package name (read from each
+/// crate's `Cargo.toml`): `(package, [test target names])`, sorted.
+fn find_loom_models(root: &Path) -> Vec<(String, Vec<String>)> {
+    let mut models = Vec::new();
+    let Ok(crates) = fs::read_dir(root.join("crates")) else {
+        return models;
+    };
+    let mut crate_dirs: Vec<PathBuf> = crates.flatten().map(|e| e.path()).collect();
+    crate_dirs.sort();
+    for dir in crate_dirs {
+        let Ok(entries) = fs::read_dir(dir.join("tests")) else {
+            continue;
+        };
+        let mut tests: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let stem = name.strip_suffix(".rs")?;
+                (stem.starts_with("loom") && e.path().is_file()).then(|| stem.to_owned())
+            })
+            .collect();
+        if tests.is_empty() {
+            continue;
+        }
+        tests.sort();
+        let package = package_name(&dir).unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        models.push((package, tests));
+    }
+    models
+}
+
+/// The `name = "..."` of the `[package]` table in `<dir>/Cargo.toml`, if it can be read.
+fn package_name(dir: &Path) -> Option<String> {
+    let manifest = fs::read_to_string(dir.join("Cargo.toml")).ok()?;
+    let mut in_package = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package && let Some(value) = line.strip_prefix("name") {
+            let value = value.trim_start().strip_prefix('=')?.trim();
+            return Some(value.trim_matches('"').to_owned());
+        }
+    }
+    None
+}
+
+/// Splits `args` at the first `--`: (before, after).
+fn split_double_dash(args: &[String]) -> (&[String], &[String]) {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[]),
+    }
+}
+
+/// The arguments after the first `--`, or all of them if there is none.
+fn after_double_dash(args: &[String]) -> &[String] {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => &args[i + 1..],
+        None => args,
+    }
+}
+
+/// Whether `cmd` runs and exits 0 (its output goes to the terminal).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.status().is_ok_and(|s| s.success())
+}
+
+/// The command as a shell-like line, with the environment variables this tool set on it.
+fn show_command(cmd: &Command) -> String {
+    let mut parts: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={:?}", k.to_str()?, v?.to_str()?)))
+        .collect();
+    parts.push(cmd.get_program().to_string_lossy().into_owned());
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// A duration as seconds with one decimal, e.g. `12.3s`.
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}

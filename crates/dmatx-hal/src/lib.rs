@@ -63,7 +63,11 @@ pub struct DeviceDescription {
 impl DeviceDescription {
     /// Highest bus address the device can reach, inclusive.
     pub const fn address_limit(&self) -> u64 {
-        if self.address_bits >= 64 { u64::MAX } else { (1u64 << self.address_bits) - 1 }
+        if self.address_bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.address_bits) - 1
+        }
     }
 }
 
@@ -212,7 +216,9 @@ pub unsafe trait MemoryDescriptor: Send + 'static {
 
     /// Total bytes in the chain.
     fn total_length(&self) -> u64 {
-        (0..self.segment_count()).map(|i| self.segment(i).length).sum()
+        (0..self.segment_count())
+            .map(|i| self.segment(i).length)
+            .sum()
     }
 }
 

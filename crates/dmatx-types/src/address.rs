@@ -112,7 +112,11 @@ mod tests {
     fn pages_spanned_matches_naive_count() {
         for off in [0u64, 1, 0x100, 4095] {
             for len in [0u64, 1, 4095, 4096, 4097, 8192, 12289] {
-                let naive = if len == 0 { 0 } else { (off + len).div_ceil(PAGE_SIZE) };
+                let naive = if len == 0 {
+                    0
+                } else {
+                    (off + len).div_ceil(PAGE_SIZE)
+                };
                 assert_eq!(pages_spanned(off, len), naive, "off {off} len {len}");
             }
         }

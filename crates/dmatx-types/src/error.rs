@@ -163,7 +163,11 @@ pub struct Misuse {
 
 impl core::fmt::Display for Misuse {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "dmatx misuse: {:?} in state {}: {}", self.call, self.state, self.reason)
+        write!(
+            f,
+            "dmatx misuse: {:?} in state {}: {}",
+            self.call, self.state, self.reason
+        )
     }
 }
 
@@ -189,7 +193,10 @@ mod tests {
             reason: "the transaction was never initialized",
         });
         let text = e.to_string();
-        assert!(text.contains("Execute") && text.contains("Created"), "{text}");
+        assert!(
+            text.contains("Execute") && text.contains("Created"),
+            "{text}"
+        );
         assert_eq!(Error::WdfBusy.to_string(), "STATUS_WDF_BUSY");
     }
 }

@@ -127,6 +127,46 @@ pub(crate) fn packet_run_registers<D: MemoryDescriptor + ?Sized>(
     }
 }
 
+/// Elements a direct mapping of the range would need: runs of physically consecutive bytes,
+/// never joined across segments. Used by the single-transfer checks (spec §3.2.4), where KMDF
+/// asks the HAL; it is exact for direct mapping and an upper bound behind an IOMMU.
+pub(crate) fn physical_runs<D: MemoryDescriptor + ?Sized>(
+    buffer: &D,
+    offset: u64,
+    length: u64,
+) -> u64 {
+    let mut skip = offset;
+    let mut left = length;
+    let mut runs = 0;
+    for i in 0..buffer.segment_count() {
+        if left == 0 {
+            break;
+        }
+        let seg = buffer.segment(i);
+        if skip >= seg.length {
+            skip -= seg.length;
+            continue;
+        }
+        let take = (seg.length - skip).min(left);
+        let first_page = (seg.va.page_offset() + skip) / PAGE_SIZE;
+        let pages = pages_spanned(seg.va.page_offset() + skip, take);
+        runs += 1;
+        for p in first_page + 1..first_page + pages {
+            let (Some(prev), Some(this)) =
+                (seg.frames.get(p as usize - 1), seg.frames.get(p as usize))
+            else {
+                break;
+            };
+            if prev.page_base().get().checked_add(PAGE_SIZE) != Some(this.page_base().get()) {
+                runs += 1;
+            }
+        }
+        left -= take;
+        skip = 0;
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,44 +284,4 @@ mod tests {
         // Several transfers of 8 KiB: worst case 3 pages.
         assert_eq!(packet_run_registers(&c, 0, 64 * 1024, 8192), 3);
     }
-}
-
-/// Elements a direct mapping of the range would need: runs of physically consecutive bytes,
-/// never joined across segments. Used by the single-transfer checks (spec §3.2.4), where KMDF
-/// asks the HAL; it is exact for direct mapping and an upper bound behind an IOMMU.
-pub(crate) fn physical_runs<D: MemoryDescriptor + ?Sized>(
-    buffer: &D,
-    offset: u64,
-    length: u64,
-) -> u64 {
-    let mut skip = offset;
-    let mut left = length;
-    let mut runs = 0;
-    for i in 0..buffer.segment_count() {
-        if left == 0 {
-            break;
-        }
-        let seg = buffer.segment(i);
-        if skip >= seg.length {
-            skip -= seg.length;
-            continue;
-        }
-        let take = (seg.length - skip).min(left);
-        let first_page = (seg.va.page_offset() + skip) / PAGE_SIZE;
-        let pages = pages_spanned(seg.va.page_offset() + skip, take);
-        runs += 1;
-        for p in first_page + 1..first_page + pages {
-            let (Some(prev), Some(this)) =
-                (seg.frames.get(p as usize - 1), seg.frames.get(p as usize))
-            else {
-                break;
-            };
-            if prev.page_base().get().checked_add(PAGE_SIZE) != Some(this.page_base().get()) {
-                runs += 1;
-            }
-        }
-        left -= take;
-        skip = 0;
-    }
-    runs
 }

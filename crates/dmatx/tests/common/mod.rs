@@ -98,13 +98,13 @@ pub fn record(t: &Tx, log: &Arc<Log>, direction: Direction, sg: &[SgElement]) ->
         };
         let r = r.expect("inline completion is not misuse");
         log.inline_results.lock().unwrap().push(r);
-        if r.is_finished() {
-            if let Some(handle) = log.keep.lock().unwrap().take() {
-                // Release and drop what may be the last handle from inside program-DMA.
-                let buffer = handle.release().expect("release after finishing");
-                drop(buffer);
-                drop(handle);
-            }
+        if r.is_finished()
+            && let Some(handle) = log.keep.lock().unwrap().take()
+        {
+            // Release and drop what may be the last handle from inside program-DMA.
+            let buffer = handle.release().expect("release after finishing");
+            drop(buffer);
+            drop(handle);
         }
     }
     *log.inside.lock().unwrap() = false;

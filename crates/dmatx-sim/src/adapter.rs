@@ -1,0 +1,1146 @@
+//! Simulated DMA adapters: map registers, the three mapping modes, queued allocation and common
+//! buffers (spec §0, §1.3, §3.2–§3.3).
+//!
+//! An adapter owns N map registers. Register `r` maps one page of device-visible address space:
+//! * [`AdapterMode::Direct`]: the bus address is the physical address; pages above the device's
+//!   address limit cannot be mapped.
+//! * [`AdapterMode::Iommu`]: register `r` is the IOVA page `iova_base + r·4096`, so a grant of
+//!   consecutive registers maps a transfer to one contiguous bus range.
+//! * [`AdapterMode::Bounce`]: pages the device can reach are used directly; a page above its
+//!   limit goes through the register's bounce page (copied in at `map` for a write-to-device
+//!   transfer, copied back at `flush` for a read-from-device one).
+//!
+//! All bookkeeping that `allocate`, `map`, `flush` and `free` touch is sized from N when the
+//! adapter is created (and the waiter queue when waiters are registered), so the steady state
+//! allocates nothing.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use dmatx_hal::{
+    Adapter, Allocation, AllocationRequest, BusAddr, CommonAllocation, DeviceDescription,
+    Direction, Error, MapRegisters, Mapping, MemoryDescriptor, PAGE_SIZE, PhysAddr, Result,
+    SgElement, VirtAddr, Waiter, waiter_id,
+};
+
+use crate::memory::{FrameRequest, FrameUse, Order, lock};
+use crate::platform::Shared;
+use crate::sanitizer::{Access, DeviceView, Violation, ViolationKind};
+
+/// Default number of map registers per adapter.
+pub const DEFAULT_MAP_REGISTERS: u32 = 32;
+/// Default IOVA base of the register window for devices that reach 4 GiB.
+pub const DEFAULT_IOVA_BASE: u64 = 0x8000_0000;
+/// Base of the fake virtual addresses of common buffers.
+const COMMON_VA_BASE: u64 = 0x6000_0000_0000;
+
+/// How an adapter turns physical pages into bus addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AdapterMode {
+    /// Bus address = physical address; pages above the device's limit cannot be mapped
+    /// ([`Error::InsufficientResources`]).
+    #[default]
+    Direct,
+    /// Each register is one IOVA page; a grant maps to one contiguous bus range.
+    Iommu,
+    /// Direct where the device reaches the page, else through the register's bounce page.
+    Bounce,
+}
+
+/// How the platform builds the next adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdapterConfig {
+    /// Map registers (N). Fewer than 2 makes adapter creation fail.
+    pub map_registers: u32,
+    /// Mapping mode.
+    pub mode: AdapterMode,
+    /// IOVA of register 0 in [`AdapterMode::Iommu`]; `None` picks [`DEFAULT_IOVA_BASE`] for
+    /// devices that reach 4 GiB, else the middle of the device's address space.
+    pub iova_base: Option<u64>,
+    /// Common-buffer alignment mask the adapter reports ([`Adapter::alignment_requirement`]).
+    pub alignment_requirement: u64,
+    /// Make adapter creation fail with [`Error::Unsuccessful`].
+    pub fail: bool,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            map_registers: DEFAULT_MAP_REGISTERS,
+            mode: AdapterMode::Direct,
+            iova_base: None,
+            alignment_requirement: 0,
+            fail: false,
+        }
+    }
+}
+
+impl AdapterConfig {
+    /// This configuration with `n` map registers.
+    pub const fn map_registers(mut self, n: u32) -> Self {
+        self.map_registers = n;
+        self
+    }
+
+    /// This configuration with mapping mode `mode`.
+    pub const fn mode(mut self, mode: AdapterMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// This configuration with the IOVA window at `base`.
+    pub const fn iova_base(mut self, base: u64) -> Self {
+        self.iova_base = Some(base);
+        self
+    }
+
+    /// This configuration with common-buffer alignment mask `mask`.
+    pub const fn alignment_requirement(mut self, mask: u64) -> Self {
+        self.alignment_requirement = mask;
+        self
+    }
+
+    /// A configuration whose adapter creation fails.
+    pub const fn failing() -> Self {
+        Self {
+            map_registers: DEFAULT_MAP_REGISTERS,
+            mode: AdapterMode::Direct,
+            iova_base: None,
+            alignment_requirement: 0,
+            fail: true,
+        }
+    }
+}
+
+/// Counters and occupancy of one adapter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdapterStats {
+    /// The adapter's id.
+    pub id: usize,
+    /// Its mapping mode.
+    pub mode: AdapterMode,
+    /// The device's address limit (inclusive).
+    pub address_limit: u64,
+    /// Map registers (N).
+    pub total_registers: u32,
+    /// Registers free now.
+    pub free_registers: u32,
+    /// Registers held by [`SimAdapter::exhaust`].
+    pub hostage_registers: u32,
+    /// Most registers granted at once.
+    pub peak_in_use: u32,
+    /// Requests waiting in the queue now.
+    pub queued: usize,
+    /// Mappings live now.
+    pub live_mappings: usize,
+    /// Common buffers allocated now.
+    pub common_buffers: usize,
+    /// Grants made (at once or from the queue).
+    pub grants: u64,
+    /// Requests that were queued.
+    pub queued_total: u64,
+    /// Requests refused (immediate and not free, or more than N).
+    pub refusals: u64,
+    /// Queued requests withdrawn by `cancel_allocation`.
+    pub cancels: u64,
+    /// `map` calls that mapped something.
+    pub maps: u64,
+    /// `map` calls that mapped fewer bytes than asked.
+    pub short_maps: u64,
+    /// Bytes mapped.
+    pub bytes_mapped: u64,
+    /// `flush` calls that ended a mapping.
+    pub flushes: u64,
+    /// `flush` calls that returned an error.
+    pub flush_errors: u64,
+    /// Registers freed while their mapping was still live (never flushed).
+    pub unflushed_frees: u64,
+    /// Bytes copied to or from bounce pages.
+    pub bytes_bounced: u64,
+    /// Device read accesses that were allowed.
+    pub device_reads: u64,
+    /// Device write accesses that were allowed.
+    pub device_writes: u64,
+    /// Bytes devices read.
+    pub device_bytes_read: u64,
+    /// Bytes devices wrote.
+    pub device_bytes_written: u64,
+    /// Device accesses the sanitizer blocked.
+    pub violations: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RegState {
+    Free,
+    Granted,
+    Hostage,
+}
+
+/// What one register maps while a mapping is live.
+#[derive(Clone, Copy, Debug)]
+struct RegMap {
+    /// Bus address of the page the register maps.
+    bus_page: u64,
+    /// Physical page the device's bytes land in (the bounce page when bounced).
+    data_page: u64,
+    /// The buffer's physical page.
+    buffer_page: u64,
+    /// Mapped bytes within the page: `lo .. hi`.
+    lo: u64,
+    hi: u64,
+    bounced: bool,
+    direction: Direction,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Reg {
+    state: RegState,
+    map: Option<RegMap>,
+}
+
+/// A live mapping of a grant.
+#[derive(Clone, Copy, Debug)]
+struct LiveMap {
+    used: u32,
+    offset: u64,
+    bytes: u64,
+    direction: Direction,
+}
+
+/// The grant starting at a register, if one does.
+#[derive(Clone, Copy, Debug, Default)]
+struct Grant {
+    count: u32,
+    live: Option<LiveMap>,
+}
+
+struct Queued {
+    waiter: Waiter,
+    count: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CommonRecord {
+    token: u64,
+    bus: u64,
+    phys: u64,
+    pages: u64,
+    length: u64,
+}
+
+struct State {
+    regs: Vec<Reg>,
+    grants: Vec<Grant>,
+    queue: VecDeque<Queued>,
+    registered: usize,
+    in_use: u32,
+    common: Vec<CommonRecord>,
+    next_token: u64,
+    fail_flush: Option<Error>,
+    stats: AdapterStats,
+}
+
+/// The shared state behind a [`SimAdapter`].
+pub(crate) struct AdapterInner {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
+    config: AdapterConfig,
+    description: DeviceDescription,
+    limit: u64,
+    n: u32,
+    iova_base: u64,
+    /// Bounce page of each register (empty unless in bounce mode).
+    bounce: Vec<PhysAddr>,
+    state: Mutex<State>,
+}
+
+/// A simulated DMA adapter (cheap to clone; clones name the same adapter).
+///
+/// Besides the [`Adapter`] contract it has test knobs ([`SimAdapter::exhaust`],
+/// [`SimAdapter::fail_next_flush`]), a [`DeviceView`] for device models and [`AdapterStats`].
+#[derive(Clone)]
+pub struct SimAdapter {
+    pub(crate) inner: Arc<AdapterInner>,
+}
+
+impl core::fmt::Debug for SimAdapter {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SimAdapter")
+            .field("id", &self.inner.id)
+            .field("mode", &self.inner.config.mode)
+            .field("map_registers", &self.inner.n)
+            .finish()
+    }
+}
+
+fn page(addr: u64) -> u64 {
+    addr - addr % PAGE_SIZE
+}
+
+impl AdapterInner {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        id: usize,
+        config: AdapterConfig,
+        description: &DeviceDescription,
+    ) -> Result<Self> {
+        let n = config.map_registers;
+        if config.fail || n < 2 {
+            return Err(Error::Unsuccessful);
+        }
+        let limit = description.address_limit();
+        let window = u64::from(n) * PAGE_SIZE;
+        let iova_base = match config.mode {
+            AdapterMode::Iommu => {
+                let base = config.iova_base.unwrap_or(if limit >= 0xFFFF_FFFF {
+                    DEFAULT_IOVA_BASE
+                } else {
+                    page(limit / 2 + 1)
+                });
+                let fits = base.is_multiple_of(PAGE_SIZE)
+                    && base.checked_add(window - 1).is_some_and(|end| end <= limit);
+                if !fits {
+                    return Err(Error::Unsuccessful);
+                }
+                base
+            }
+            _ => 0,
+        };
+        let bounce = if config.mode == AdapterMode::Bounce {
+            let pages = n as usize;
+            let mut request = FrameRequest {
+                pages,
+                order: Order::Contiguous,
+                min: 0,
+                max: limit,
+            };
+            shared
+                .memory
+                .allocate(request, FrameUse::Bounce)
+                .or_else(|_| {
+                    request.order = Order::Ascending;
+                    shared.memory.allocate(request, FrameUse::Bounce)
+                })
+                .map_err(|_| Error::Unsuccessful)?
+        } else {
+            Vec::new()
+        };
+        let stats = AdapterStats {
+            id,
+            mode: config.mode,
+            address_limit: limit,
+            total_registers: n,
+            free_registers: n,
+            ..AdapterStats::default()
+        };
+        Ok(Self {
+            id,
+            shared,
+            config,
+            description: *description,
+            limit,
+            n,
+            iova_base,
+            bounce,
+            state: Mutex::new(State {
+                regs: vec![
+                    Reg {
+                        state: RegState::Free,
+                        map: None
+                    };
+                    n as usize
+                ],
+                grants: vec![Grant::default(); n as usize],
+                queue: VecDeque::new(),
+                registered: 0,
+                in_use: 0,
+                common: Vec::new(),
+                next_token: 1,
+                fail_flush: None,
+                stats,
+            }),
+        })
+    }
+
+    /// First fit: the lowest register starting `count` consecutive free ones.
+    fn find_run(st: &State, count: u32) -> Option<u32> {
+        let count = count as usize;
+        let mut run = 0;
+        for (i, r) in st.regs.iter().enumerate() {
+            if r.state == RegState::Free {
+                run += 1;
+                if run == count {
+                    return u32::try_from(i + 1 - count).ok();
+                }
+            } else {
+                run = 0;
+            }
+        }
+        None
+    }
+
+    fn grant(st: &mut State, first: u32, count: u32) -> MapRegisters {
+        for r in &mut st.regs[first as usize..(first + count) as usize] {
+            r.state = RegState::Granted;
+            r.map = None;
+        }
+        st.grants[first as usize] = Grant { count, live: None };
+        st.in_use += count;
+        st.stats.peak_in_use = st.stats.peak_in_use.max(st.in_use);
+        st.stats.grants += 1;
+        MapRegisters::new(first, count)
+    }
+
+    /// Whether `registers` is a grant of this adapter that is outstanding now.
+    fn check_grant(&self, st: &State, registers: &MapRegisters) -> bool {
+        let (first, count) = (registers.first(), registers.count());
+        count > 0
+            && first.checked_add(count).is_some_and(|end| end <= self.n)
+            && st.grants[first as usize].count == count
+            && st.regs[first as usize..(first + count) as usize]
+                .iter()
+                .all(|r| r.state == RegState::Granted)
+    }
+
+    /// End the live mapping of the grant at `first`, if any. Returns it.
+    fn end_mapping(st: &mut State, first: u32) -> Option<LiveMap> {
+        let live = st.grants[first as usize].live.take()?;
+        for r in &mut st.regs[first as usize..(first + live.used) as usize] {
+            r.map = None;
+        }
+        Some(live)
+    }
+
+    /// Grant queued requests, in order, while the head fits; call each waiter with no lock held.
+    fn grant_waiters(&self) {
+        loop {
+            let (waiter, registers) = {
+                let mut st = lock(&self.state);
+                let Some(head) = st.queue.front() else { return };
+                let Some(first) = Self::find_run(&st, head.count) else {
+                    return;
+                };
+                let Some(q) = st.queue.pop_front() else {
+                    return;
+                };
+                let registers = Self::grant(&mut st, first, q.count);
+                (q.waiter, registers)
+            };
+            waiter.granted(registers);
+        }
+    }
+
+    fn note(&self, issue: String) {
+        lock(&self.shared.issues).push(format!("adapter {}: {issue}", self.id));
+    }
+
+    /// Translate one device chunk (within a bus page) to the physical address holding it.
+    fn translate(
+        &self,
+        st: &State,
+        bus: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<u64, ViolationKind> {
+        let bus_page = page(bus);
+        let lo = bus - bus_page;
+        let hi = lo + len;
+        let mut wrong_direction = false;
+        let mut check = |m: &RegMap| -> Option<u64> {
+            if m.bus_page != bus_page || lo < m.lo || hi > m.hi {
+                return None;
+            }
+            let allowed = match access {
+                Access::Read => m.direction == Direction::WriteToDevice,
+                Access::Write => m.direction == Direction::ReadFromDevice,
+            };
+            if allowed {
+                Some(m.data_page + lo)
+            } else {
+                wrong_direction = true;
+                None
+            }
+        };
+        if self.config.mode == AdapterMode::Iommu {
+            let window = u64::from(self.n) * PAGE_SIZE;
+            if let Some(off) = bus_page.checked_sub(self.iova_base).filter(|o| *o < window)
+                && let Some(m) = &st.regs[(off / PAGE_SIZE) as usize].map
+                && let Some(p) = check(m)
+            {
+                return Ok(p);
+            }
+        } else {
+            for r in &st.regs {
+                if let Some(p) = r.map.as_ref().and_then(&mut check) {
+                    return Ok(p);
+                }
+            }
+        }
+        for c in &st.common {
+            if bus >= c.bus && bus + len <= c.bus + c.length {
+                return Ok(c.phys + (bus - c.bus));
+            }
+        }
+        Err(if wrong_direction {
+            ViolationKind::WrongDirection
+        } else {
+            ViolationKind::NotMapped
+        })
+    }
+
+    /// A device access of `len` bytes at `bus`: check every byte, then move them all with
+    /// `copy(phys, position, bytes)` per chunk, or move nothing and record a violation.
+    pub(crate) fn device_access(
+        &self,
+        bus: u64,
+        len: usize,
+        access: Access,
+        mut copy: impl FnMut(u64, usize, usize) -> bool,
+    ) -> Result<(), Violation> {
+        let mut st = lock(&self.state);
+        let outcome = (|| {
+            let end = bus
+                .checked_add(len as u64)
+                .ok_or(ViolationKind::NotMapped)?;
+            for pass in 0..2 {
+                let mut pos = bus;
+                while pos < end {
+                    let chunk = (page(pos) + PAGE_SIZE).min(end) - pos;
+                    let phys = self.translate(&st, pos, chunk, access)?;
+                    let at = (pos - bus) as usize;
+                    if pass == 0 {
+                        if !self.shared.memory.contains(phys, chunk as usize) {
+                            return Err(ViolationKind::OutsideMemory);
+                        }
+                    } else if !copy(phys, at, chunk as usize) {
+                        return Err(ViolationKind::OutsideMemory);
+                    }
+                    pos += chunk;
+                }
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                match access {
+                    Access::Read => {
+                        st.stats.device_reads += 1;
+                        st.stats.device_bytes_read += len as u64;
+                    }
+                    Access::Write => {
+                        st.stats.device_writes += 1;
+                        st.stats.device_bytes_written += len as u64;
+                    }
+                }
+                Ok(())
+            }
+            Err(kind) => {
+                st.stats.violations += 1;
+                drop(st);
+                let v = Violation {
+                    adapter: self.id,
+                    access,
+                    bus: BusAddr::new(bus),
+                    length: len as u64,
+                    kind,
+                };
+                lock(&self.shared.violations).push(v);
+                Err(v)
+            }
+        }
+    }
+
+    fn stats(&self) -> AdapterStats {
+        let st = lock(&self.state);
+        Self::stats_of(&st)
+    }
+
+    fn stats_of(st: &State) -> AdapterStats {
+        let mut s = st.stats;
+        s.free_registers = st.regs.iter().filter(|r| r.state == RegState::Free).count() as u32;
+        s.hostage_registers = st
+            .regs
+            .iter()
+            .filter(|r| r.state == RegState::Hostage)
+            .count() as u32;
+        s.queued = st.queue.len();
+        s.live_mappings = st.grants.iter().filter(|g| g.live.is_some()).count();
+        s.common_buffers = st.common.len();
+        s
+    }
+
+    /// What is not back to idle, in words.
+    pub(crate) fn leftovers(&self, out: &mut Vec<String>) {
+        let s = self.stats();
+        let id = self.id;
+        if s.free_registers != s.total_registers {
+            out.push(format!(
+                "adapter {id}: {} of {} map registers free ({} held by exhaust)",
+                s.free_registers, s.total_registers, s.hostage_registers
+            ));
+        }
+        if s.queued > 0 {
+            out.push(format!(
+                "adapter {id}: {} allocation requests still queued",
+                s.queued
+            ));
+        }
+        if s.live_mappings > 0 {
+            out.push(format!(
+                "adapter {id}: {} mappings still live (never flushed)",
+                s.live_mappings
+            ));
+        }
+        if s.common_buffers > 0 {
+            out.push(format!(
+                "adapter {id}: {} common buffers not freed",
+                s.common_buffers
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+impl AdapterInner {
+    /// Room in the waiter queue.
+    pub(crate) fn queue_capacity(&self) -> usize {
+        lock(&self.state).queue.capacity()
+    }
+}
+
+impl Drop for AdapterInner {
+    fn drop(&mut self) {
+        let mut issues = Vec::new();
+        self.leftovers(&mut issues);
+        let st = self
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats = Self::stats_of(st);
+        for c in st.common.drain(..) {
+            let frames: Vec<PhysAddr> = (0..c.pages)
+                .map(|i| PhysAddr::new(c.phys + i * PAGE_SIZE))
+                .collect();
+            self.shared.memory.free(&frames, FrameUse::Common);
+        }
+        self.shared.memory.free(&self.bounce, FrameUse::Bounce);
+        lock(&self.shared.retired).push(stats);
+        if !issues.is_empty() {
+            lock(&self.shared.issues)
+                .extend(issues.into_iter().map(|i| format!("{i} when dropped")));
+        }
+    }
+}
+
+impl SimAdapter {
+    /// The adapter's id (unique within its platform, in creation order from 0).
+    pub fn id(&self) -> usize {
+        self.inner.id
+    }
+
+    /// The device description the adapter was created for.
+    pub fn description(&self) -> DeviceDescription {
+        self.inner.description
+    }
+
+    /// The configuration the adapter was created with.
+    pub fn config(&self) -> AdapterConfig {
+        self.inner.config
+    }
+
+    /// The highest bus address the device reaches (inclusive).
+    pub fn address_limit(&self) -> u64 {
+        self.inner.limit
+    }
+
+    /// IOVA of register 0 (meaningful in [`AdapterMode::Iommu`]).
+    pub fn iova_base(&self) -> u64 {
+        self.inner.iova_base
+    }
+
+    /// The view a device model uses to reach memory through this adapter.
+    pub fn device_view(&self) -> DeviceView {
+        DeviceView {
+            adapter: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Hold up to `k` free registers hostage (the highest-numbered first) so allocations queue
+    /// or, when immediate, fail. Returns how many were taken. Cumulative; see
+    /// [`SimAdapter::restore`].
+    pub fn exhaust(&self, k: u32) -> u32 {
+        let mut st = lock(&self.inner.state);
+        let mut taken = 0;
+        for r in st.regs.iter_mut().rev() {
+            if taken == k {
+                break;
+            }
+            if r.state == RegState::Free {
+                r.state = RegState::Hostage;
+                taken += 1;
+            }
+        }
+        taken
+    }
+
+    /// Release all hostage registers and grant queued requests that now fit (their waiters
+    /// run on this thread).
+    pub fn restore(&self) {
+        {
+            let mut st = lock(&self.inner.state);
+            for r in st.regs.iter_mut().filter(|r| r.state == RegState::Hostage) {
+                r.state = RegState::Free;
+            }
+        }
+        self.inner.grant_waiters();
+    }
+
+    /// Make the next `flush` return `error` (it still ends the mapping and copies back).
+    pub fn fail_next_flush(&self, error: Error) {
+        lock(&self.inner.state).fail_flush = Some(error);
+    }
+
+    /// Registers free now.
+    pub fn free_registers(&self) -> u32 {
+        self.inner.stats().free_registers
+    }
+
+    /// Requests queued now.
+    pub fn queued(&self) -> usize {
+        lock(&self.inner.state).queue.len()
+    }
+
+    /// Mappings live now.
+    pub fn live_mappings(&self) -> usize {
+        self.inner.stats().live_mappings
+    }
+
+    /// Counters and occupancy.
+    pub fn stats(&self) -> AdapterStats {
+        self.inner.stats()
+    }
+
+    /// Physical addresses of the bounce pages (empty unless in [`AdapterMode::Bounce`]).
+    pub fn bounce_pages(&self) -> &[PhysAddr] {
+        &self.inner.bounce
+    }
+}
+
+impl Adapter for SimAdapter {
+    fn map_register_count(&self) -> u32 {
+        self.inner.n
+    }
+
+    fn alignment_requirement(&self) -> u64 {
+        self.inner.config.alignment_requirement
+    }
+
+    fn register_waiter(&self) -> Result<()> {
+        let mut st = lock(&self.inner.state);
+        let want = st.registered + 1;
+        let additional = want.saturating_sub(st.queue.len());
+        st.queue
+            .try_reserve(additional)
+            .map_err(|_| Error::InsufficientResources)?;
+        st.registered = want;
+        Ok(())
+    }
+
+    fn unregister_waiter(&self) {
+        let mut st = lock(&self.inner.state);
+        st.registered = st.registered.saturating_sub(1);
+    }
+
+    fn allocate(&self, request: AllocationRequest, waiter: &Waiter) -> Result<Allocation> {
+        let count = request.count.get();
+        let mut st = lock(&self.inner.state);
+        if count > self.inner.n {
+            st.stats.refusals += 1;
+            return Err(Error::InsufficientResources);
+        }
+        if request.immediate || st.queue.is_empty() {
+            if let Some(first) = AdapterInner::find_run(&st, count) {
+                return Ok(Allocation::Granted(AdapterInner::grant(
+                    &mut st, first, count,
+                )));
+            }
+            if request.immediate {
+                st.stats.refusals += 1;
+                return Err(Error::InsufficientResources);
+            }
+        }
+        let id = waiter_id(waiter);
+        let twice = st.queue.iter().any(|q| waiter_id(&q.waiter) == id);
+        st.queue.push_back(Queued {
+            waiter: Arc::clone(waiter),
+            count,
+        });
+        st.stats.queued_total += 1;
+        drop(st);
+        if twice {
+            self.inner.note("a waiter was queued twice".into());
+        }
+        Ok(Allocation::Queued)
+    }
+
+    fn cancel_allocation(&self, waiter: &Waiter) -> bool {
+        let id = waiter_id(waiter);
+        let removed = {
+            let mut st = lock(&self.inner.state);
+            let Some(pos) = st.queue.iter().position(|q| waiter_id(&q.waiter) == id) else {
+                return false;
+            };
+            st.stats.cancels += 1;
+            st.queue.remove(pos)
+        };
+        // Drop the queue's handle outside the lock: it may be the waiter's last one.
+        drop(removed);
+        true
+    }
+
+    fn map<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &MapRegisters,
+        buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+        out: &mut [SgElement],
+    ) -> Result<Mapping> {
+        let a = &*self.inner;
+        if length == 0 || out.is_empty() || registers.count() == 0 {
+            return Err(Error::InvalidParameter);
+        }
+        let end = offset.checked_add(length).ok_or(Error::InvalidParameter)?;
+        if end > buffer.total_length() {
+            return Err(Error::InvalidParameter);
+        }
+        let (seg_index, seg_offset) =
+            dmatx_hal::locate(buffer, offset).ok_or(Error::InvalidParameter)?;
+        let seg = buffer.segment(seg_index);
+        let want = length.min(seg.length - seg_offset);
+        let first = registers.first();
+
+        let mut st = lock(&a.state);
+        if !a.check_grant(&st, registers) {
+            return Err(Error::InvalidParameter);
+        }
+        if st.grants[first as usize].live.is_some() {
+            // The previous transfer on these registers was never flushed.
+            return Err(Error::InvalidDeviceState);
+        }
+        let mut mapped = 0u64;
+        let mut elements = 0usize;
+        let mut used = 0u32;
+        let mut failure = None;
+        let start = seg.va.page_offset() + seg_offset;
+        while mapped < want {
+            if used == registers.count() {
+                break;
+            }
+            let pos = start + mapped;
+            let in_page = pos % PAGE_SIZE;
+            let chunk = (PAGE_SIZE - in_page).min(want - mapped);
+            let Some(&frame) = usize::try_from(pos / PAGE_SIZE)
+                .ok()
+                .and_then(|i| seg.frames.get(i))
+            else {
+                failure = Some(Error::InvalidParameter);
+                break;
+            };
+            let buffer_page = frame.page_base().get();
+            let reg = first + used;
+            let reachable = buffer_page
+                .checked_add(in_page + chunk - 1)
+                .is_some_and(|last| last <= a.limit);
+            let (bus_page, data_page, bounced) = match a.config.mode {
+                AdapterMode::Direct if reachable => (buffer_page, buffer_page, false),
+                AdapterMode::Direct => {
+                    failure = Some(Error::InsufficientResources);
+                    break;
+                }
+                AdapterMode::Iommu => {
+                    (a.iova_base + u64::from(reg) * PAGE_SIZE, buffer_page, false)
+                }
+                AdapterMode::Bounce if reachable => (buffer_page, buffer_page, false),
+                AdapterMode::Bounce => {
+                    if !a
+                        .shared
+                        .memory
+                        .contains(buffer_page + in_page, chunk as usize)
+                    {
+                        failure = Some(Error::InvalidParameter);
+                        break;
+                    }
+                    let b = a.bounce[reg as usize].get();
+                    (b, b, true)
+                }
+            };
+            let bus = bus_page + in_page;
+            let merges = elements > 0 && {
+                let last = &out[elements - 1];
+                last.address.get().checked_add(u64::from(last.length)) == Some(bus)
+                    && u64::from(last.length) + chunk <= u64::from(u32::MAX)
+            };
+            if merges {
+                out[elements - 1].length += chunk as u32;
+            } else if elements == out.len() {
+                break;
+            } else {
+                out[elements] = SgElement::new(BusAddr::new(bus), chunk as u32);
+                elements += 1;
+            }
+            st.regs[reg as usize].map = Some(RegMap {
+                bus_page,
+                data_page,
+                buffer_page,
+                lo: in_page,
+                hi: in_page + chunk,
+                bounced,
+                direction,
+            });
+            used += 1;
+            mapped += chunk;
+        }
+        if let Some(e) = failure {
+            for r in &mut st.regs[first as usize..(first + used) as usize] {
+                r.map = None;
+            }
+            return Err(e);
+        }
+        // `mapped > 0`: the loop maps at least the first page (one register, one element).
+        let mut bounced_bytes = 0;
+        if direction == Direction::WriteToDevice {
+            for r in &st.regs[first as usize..(first + used) as usize] {
+                if let Some(m) = r.map.filter(|m| m.bounced) {
+                    let n = m.hi - m.lo;
+                    a.shared
+                        .memory
+                        .copy(m.buffer_page + m.lo, m.data_page + m.lo, n as usize);
+                    bounced_bytes += n;
+                }
+            }
+        }
+        st.grants[first as usize].live = Some(LiveMap {
+            used,
+            offset,
+            bytes: mapped,
+            direction,
+        });
+        st.stats.maps += 1;
+        st.stats.bytes_mapped += mapped;
+        st.stats.bytes_bounced += bounced_bytes;
+        if mapped < length {
+            st.stats.short_maps += 1;
+        }
+        Ok(Mapping {
+            bytes: mapped,
+            elements,
+        })
+    }
+
+    fn flush<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &MapRegisters,
+        _buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+    ) -> Result<()> {
+        let a = &*self.inner;
+        let mut st = lock(&a.state);
+        if !a.check_grant(&st, registers) {
+            return Err(Error::InvalidParameter);
+        }
+        let first = registers.first();
+        let Some(live) = st.grants[first as usize].live else {
+            return Err(Error::InvalidParameter);
+        };
+        let mut bounced_bytes = 0;
+        if live.direction == Direction::ReadFromDevice {
+            for r in &st.regs[first as usize..(first + live.used) as usize] {
+                if let Some(m) = r.map.filter(|m| m.bounced) {
+                    let n = m.hi - m.lo;
+                    a.shared
+                        .memory
+                        .copy(m.data_page + m.lo, m.buffer_page + m.lo, n as usize);
+                    bounced_bytes += n;
+                }
+            }
+        }
+        AdapterInner::end_mapping(&mut st, first);
+        st.stats.flushes += 1;
+        st.stats.bytes_bounced += bounced_bytes;
+        let result = if (live.offset, live.bytes, live.direction) != (offset, length, direction) {
+            Err(Error::InvalidParameter)
+        } else if let Some(e) = st.fail_flush.take() {
+            Err(e)
+        } else {
+            Ok(())
+        };
+        if result.is_err() {
+            st.stats.flush_errors += 1;
+        }
+        result
+    }
+
+    fn free(&self, registers: MapRegisters) {
+        let a = &*self.inner;
+        {
+            let mut st = lock(&a.state);
+            if !a.check_grant(&st, &registers) {
+                drop(st);
+                a.note(format!(
+                    "free of registers {}..+{} that were not granted",
+                    registers.first(),
+                    registers.count()
+                ));
+                return;
+            }
+            let first = registers.first();
+            if AdapterInner::end_mapping(&mut st, first).is_some() {
+                st.stats.unflushed_frees += 1;
+            }
+            for r in &mut st.regs[first as usize..(first + registers.count()) as usize] {
+                r.state = RegState::Free;
+            }
+            st.grants[first as usize].count = 0;
+            st.in_use -= registers.count();
+        }
+        a.grant_waiters();
+    }
+
+    fn allocate_common_buffer(&self, length: u64) -> Result<CommonAllocation> {
+        let a = &*self.inner;
+        if length == 0 {
+            return Err(Error::InvalidParameter);
+        }
+        let pages = length.div_ceil(PAGE_SIZE);
+        let size = pages * PAGE_SIZE;
+        let frames = a.shared.memory.allocate(
+            FrameRequest {
+                pages: usize::try_from(pages).map_err(|_| Error::InsufficientResources)?,
+                order: Order::Contiguous,
+                min: 0,
+                max: if a.config.mode == AdapterMode::Iommu {
+                    u64::MAX
+                } else {
+                    a.limit
+                },
+            },
+            FrameUse::Common,
+        )?;
+        let phys = frames[0].get();
+        let mut st = lock(&a.state);
+        let bus = if a.config.mode == AdapterMode::Iommu {
+            // First fit in the IOVA space above the register window.
+            let mut candidate = a.iova_base + u64::from(a.n) * PAGE_SIZE;
+            for c in &st.common {
+                if candidate.checked_add(size).is_some_and(|e| e <= c.bus) {
+                    break;
+                }
+                candidate = candidate.max(c.bus + c.pages * PAGE_SIZE);
+            }
+            if candidate
+                .checked_add(size - 1)
+                .is_none_or(|last| last > a.limit)
+            {
+                drop(st);
+                a.shared.memory.free(&frames, FrameUse::Common);
+                return Err(Error::InsufficientResources);
+            }
+            candidate
+        } else {
+            phys
+        };
+        let token = st.next_token;
+        st.next_token += 1;
+        let virt = COMMON_VA_BASE + (token % 0x8000) * (1 << 32);
+        let record = CommonRecord {
+            token,
+            bus,
+            phys,
+            pages,
+            length,
+        };
+        let at = st.common.partition_point(|c| c.bus < bus);
+        st.common.insert(at, record);
+        Ok(CommonAllocation {
+            virt: VirtAddr::new(virt),
+            logical: BusAddr::new(bus),
+            length,
+            token,
+        })
+    }
+
+    fn free_common_buffer(&self, allocation: CommonAllocation) {
+        let a = &*self.inner;
+        let record = {
+            let mut st = lock(&a.state);
+            let pos = st
+                .common
+                .iter()
+                .position(|c| c.token == allocation.token && c.bus == allocation.logical.get());
+            pos.map(|p| st.common.remove(p))
+        };
+        match record {
+            Some(c) => {
+                let frames: Vec<PhysAddr> = (0..c.pages)
+                    .map(|i| PhysAddr::new(c.phys + i * PAGE_SIZE))
+                    .collect();
+                a.shared.memory.free(&frames, FrameUse::Common);
+            }
+            None => a.note(format!(
+                "free of a common buffer it did not allocate (token {})",
+                allocation.token
+            )),
+        }
+    }
+
+    fn read_common_buffer(
+        &self,
+        allocation: &CommonAllocation,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let phys = self.common_phys(allocation, offset, out.len())?;
+        if self.inner.shared.memory.read(phys, out) {
+            Ok(())
+        } else {
+            Err(Error::InvalidParameter)
+        }
+    }
+
+    fn write_common_buffer(
+        &self,
+        allocation: &CommonAllocation,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let phys = self.common_phys(allocation, offset, data.len())?;
+        if self.inner.shared.memory.write(phys, data) {
+            Ok(())
+        } else {
+            Err(Error::InvalidParameter)
+        }
+    }
+}
+
+impl SimAdapter {
+    /// Physical address of byte `offset` of a live common buffer, checking `len` bytes fit.
+    fn common_phys(&self, allocation: &CommonAllocation, offset: u64, len: usize) -> Result<u64> {
+        let st = lock(&self.inner.state);
+        let c = st
+            .common
+            .iter()
+            .find(|c| c.token == allocation.token)
+            .ok_or(Error::InvalidParameter)?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or(Error::InvalidParameter)?;
+        if end > c.length {
+            return Err(Error::InvalidParameter);
+        }
+        Ok(c.phys + offset)
+    }
+}

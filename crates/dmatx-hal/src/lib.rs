@@ -33,7 +33,7 @@
 
 extern crate alloc;
 
-use alloc::sync::Arc;
+use alloc::sync::{Arc, Weak};
 use core::num::NonZeroU32;
 
 pub use dmatx_types::{
@@ -94,14 +94,26 @@ pub trait AllocationWaiter: Send + Sync {
     fn granted(&self, registers: MapRegisters);
 }
 
-/// A shared handle to an [`AllocationWaiter`]. Its address identifies the request for
-/// [`Adapter::cancel_allocation`].
+/// A strong handle to an [`AllocationWaiter`]: what a backend keeps while a request is queued.
 pub type Waiter = Arc<dyn AllocationWaiter>;
+
+/// How the core names its waiter in [`Adapter::allocate`] and [`Adapter::cancel_allocation`]: a
+/// weak handle, so that an allocation granted at once costs no reference counting. A backend
+/// that queues the request upgrades it to a [`Waiter`] and keeps that until it grants or
+/// cancels the request. Its address identifies the request.
+pub type WaiterRef = Weak<dyn AllocationWaiter>;
 
 /// The address that identifies a waiter (the data pointer of its `Arc`).
 #[inline]
 pub fn waiter_id(waiter: &Waiter) -> usize {
     Arc::as_ptr(waiter) as *const () as usize
+}
+
+/// The address that identifies a waiter named by a [`WaiterRef`]; equal to [`waiter_id`] of
+/// the same waiter's `Arc`.
+#[inline]
+pub fn waiter_ref_id(waiter: &WaiterRef) -> usize {
+    Weak::as_ptr(waiter) as *const () as usize
 }
 
 /// A request for map registers.
@@ -246,18 +258,31 @@ pub trait Adapter: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`Error::InsufficientResources`] when `request.immediate` is set and the registers are
-    /// not free now, or when more registers are asked for than the adapter has.
-    fn allocate(&self, request: AllocationRequest, waiter: &Waiter) -> Result<Allocation>;
+    /// not free now, or when more registers are asked for than the adapter has;
+    /// [`Error::InvalidParameter`] if the request must queue and `waiter` is gone.
+    fn allocate(&self, request: AllocationRequest, waiter: &WaiterRef) -> Result<Allocation>;
 
     /// Withdraw the queued request of `waiter`. Returns `true` if it was queued (its waiter will
-    /// now never be called), `false` if nothing was queued for it.
-    fn cancel_allocation(&self, waiter: &Waiter) -> bool;
+    /// now never be called), `false` if nothing was queued for it. Never calls a waiter: the
+    /// core calls [`Adapter::dispatch_queued`] afterwards, with no lock held, because requests
+    /// queued behind the withdrawn one may fit now.
+    fn cancel_allocation(&self, waiter: &WaiterRef) -> bool;
+
+    /// Grant queued requests that fit in the free registers now, in order, calling their
+    /// waiters on this thread with no adapter lock held.
+    fn dispatch_queued(&self);
 
     /// Map `length` bytes of `buffer` starting at chain offset `offset` for one transfer, writing
     /// at most `out.len()` elements. Register `i` of `registers` serves the `i`-th page the
     /// mapped bytes span. May map fewer bytes than asked (element limit, a break in physical
     /// contiguity, the end of a segment); for a write-to-device transfer bounced bytes are
-    /// copied in before this returns. The mapping is live until [`Adapter::flush`].
+    /// copied in before this returns. The mapping is live until [`Adapter::flush`]. Stopping
+    /// because the grant has too few registers maps fewer bytes rather than failing.
+    ///
+    /// The core asks only for ranges inside the buffer with a grant sized for them, and treats
+    /// a failure as the transfer's error; a backend that cannot make a page device-visible
+    /// directly must bounce it rather than fail (a failure on a grant delivered through a
+    /// waiter has no caller to be reported to).
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] if the range lies outside the buffer, `length` is 0, `out` is

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use dmatx_hal::{
     Adapter, Allocation, AllocationRequest, BusAddr, CommonAllocation, DeviceDescription,
     Direction, Error, MapRegisters, Mapping, MemoryDescriptor, PAGE_SIZE, PhysAddr, Result,
-    SgElement, VirtAddr, Waiter, waiter_id,
+    SgElement, VirtAddr, Waiter, WaiterRef, waiter_id, waiter_ref_id,
 };
 
 use crate::memory::{FrameRequest, FrameUse, Order, lock};
@@ -751,7 +751,7 @@ impl Adapter for SimAdapter {
         st.registered = st.registered.saturating_sub(1);
     }
 
-    fn allocate(&self, request: AllocationRequest, waiter: &Waiter) -> Result<Allocation> {
+    fn allocate(&self, request: AllocationRequest, waiter: &WaiterRef) -> Result<Allocation> {
         let count = request.count.get();
         let mut st = lock(&self.inner.state);
         if count > self.inner.n {
@@ -769,10 +769,14 @@ impl Adapter for SimAdapter {
                 return Err(Error::InsufficientResources);
             }
         }
-        let id = waiter_id(waiter);
+        let Some(strong) = waiter.upgrade() else {
+            st.stats.refusals += 1;
+            return Err(Error::InvalidParameter);
+        };
+        let id = waiter_id(&strong);
         let twice = st.queue.iter().any(|q| waiter_id(&q.waiter) == id);
         st.queue.push_back(Queued {
-            waiter: Arc::clone(waiter),
+            waiter: strong,
             count,
         });
         st.stats.queued_total += 1;
@@ -783,8 +787,8 @@ impl Adapter for SimAdapter {
         Ok(Allocation::Queued)
     }
 
-    fn cancel_allocation(&self, waiter: &Waiter) -> bool {
-        let id = waiter_id(waiter);
+    fn cancel_allocation(&self, waiter: &WaiterRef) -> bool {
+        let id = waiter_ref_id(waiter);
         let removed = {
             let mut st = lock(&self.inner.state);
             let Some(pos) = st.queue.iter().position(|q| waiter_id(&q.waiter) == id) else {
@@ -796,6 +800,10 @@ impl Adapter for SimAdapter {
         // Drop the queue's handle outside the lock: it may be the waiter's last one.
         drop(removed);
         true
+    }
+
+    fn dispatch_queued(&self) {
+        self.inner.grant_waiters();
     }
 
     fn map<D: MemoryDescriptor + ?Sized>(

@@ -170,7 +170,7 @@ struct Inner {
 /// impl dmatx_hal::AllocationWaiter for Never { fn granted(&self, _: dmatx_hal::MapRegisters) {} }
 /// let waiter: Waiter = Arc::new(Never);
 /// let request = AllocationRequest { count: 1.try_into().unwrap(), immediate: true };
-/// let Ok(Allocation::Granted(regs)) = adapter.allocate(request, &waiter) else { panic!() };
+/// let Ok(Allocation::Granted(regs)) = adapter.allocate(request, &Arc::downgrade(&waiter)) else { panic!() };
 /// let mut sg = [SgElement::default(); 4];
 /// let m = adapter.map(&regs, &buffer, 0, 100, Direction::WriteToDevice, &mut sg).unwrap();
 /// device.start(Direction::WriteToDevice, &sg[..m.elements], 0);

@@ -35,7 +35,7 @@
 //! impl AllocationWaiter for Waiting { fn granted(&self, _: MapRegisters) {} }
 //! let waiter: Waiter = Arc::new(Waiting);
 //! let request = AllocationRequest { count: 3.try_into().unwrap(), immediate: true };
-//! let Ok(Allocation::Granted(registers)) = adapter.allocate(request, &waiter) else {
+//! let Ok(Allocation::Granted(registers)) = adapter.allocate(request, &Arc::downgrade(&waiter)) else {
 //!     panic!("32 registers are free")
 //! };
 //!

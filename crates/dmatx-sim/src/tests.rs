@@ -62,7 +62,7 @@ fn req(count: u32, immediate: bool) -> AllocationRequest {
 
 fn grant(adapter: &SimAdapter, count: u32) -> MapRegisters {
     let w = waiter(0, &Arc::default());
-    match adapter.allocate(req(count, true), &w) {
+    match adapter.allocate(req(count, true), &Arc::downgrade(&w)) {
         Ok(Allocation::Granted(r)) => r,
         other => panic!("expected a grant, got {other:?}"),
     }
@@ -365,23 +365,23 @@ fn queue_is_strict_fifo() {
     a.register_waiter().unwrap();
     let held = grant(&a, 3);
     assert!(matches!(
-        a.allocate(req(2, false), &wa),
+        a.allocate(req(2, false), &Arc::downgrade(&wa)),
         Ok(Allocation::Queued)
     ));
     // One register is free, but B queues behind A.
     assert!(matches!(
-        a.allocate(req(1, false), &wb),
+        a.allocate(req(1, false), &Arc::downgrade(&wb)),
         Ok(Allocation::Queued)
     ));
     assert_eq!(a.queued(), 2);
     // An immediate request takes what is free now; too much is refused.
     let now = grant(&a, 1);
     assert_eq!(
-        a.allocate(req(1, true), &wb).unwrap_err(),
+        a.allocate(req(1, true), &Arc::downgrade(&wb)).unwrap_err(),
         Error::InsufficientResources
     );
     assert_eq!(
-        a.allocate(req(5, false), &wb).unwrap_err(),
+        a.allocate(req(5, false), &Arc::downgrade(&wb)).unwrap_err(),
         Error::InsufficientResources
     );
     assert!(log.lock().unwrap().is_empty(), "never called from allocate");
@@ -404,12 +404,12 @@ fn cancel_withdraws_a_queued_request() {
     let w = waiter(1, &log);
     assert_eq!(a.exhaust(100), 32);
     assert!(matches!(
-        a.allocate(req(1, false), &w),
+        a.allocate(req(1, false), &Arc::downgrade(&w)),
         Ok(Allocation::Queued)
     ));
     assert!(sim.check_clean().is_err());
-    assert!(a.cancel_allocation(&w));
-    assert!(!a.cancel_allocation(&w));
+    assert!(a.cancel_allocation(&Arc::downgrade(&w)));
+    assert!(!a.cancel_allocation(&Arc::downgrade(&w)));
     a.restore();
     assert!(log.lock().unwrap().is_empty());
     sim.check_clean().unwrap();
@@ -424,11 +424,11 @@ fn exhaust_queues_and_restore_grants() {
     a.exhaust(31);
     assert_eq!(a.free_registers(), 1);
     assert_eq!(
-        a.allocate(req(2, true), &w).unwrap_err(),
+        a.allocate(req(2, true), &Arc::downgrade(&w)).unwrap_err(),
         Error::InsufficientResources
     );
     assert!(matches!(
-        a.allocate(req(2, false), &w),
+        a.allocate(req(2, false), &Arc::downgrade(&w)),
         Ok(Allocation::Queued)
     ));
     a.restore();
@@ -458,18 +458,18 @@ fn waiters_run_outside_the_lock_and_may_reenter() {
                 "adapter state readable: no lock held"
             );
             inner.free(regs);
-            let again = inner.allocate(req(1, true), &probe);
+            let again = inner.allocate(req(1, true), &Arc::downgrade(&probe));
             assert!(again.is_err(), "the second waiter took the registers");
         })),
     });
     let w2 = waiter(2, &log);
     let held = grant(&a, 2);
     assert!(matches!(
-        a.allocate(req(2, false), &w1),
+        a.allocate(req(2, false), &Arc::downgrade(&w1)),
         Ok(Allocation::Queued)
     ));
     assert!(matches!(
-        a.allocate(req(2, false), &w2),
+        a.allocate(req(2, false), &Arc::downgrade(&w2)),
         Ok(Allocation::Queued)
     ));
     a.free(held);
@@ -492,7 +492,7 @@ fn registering_waiters_reserves_queue_room() {
     let ws: Vec<Waiter> = (0..10).map(|i| waiter(i, &log)).collect();
     for w in &ws {
         assert!(matches!(
-            a.allocate(req(1, false), w),
+            a.allocate(req(1, false), &Arc::downgrade(w)),
             Ok(Allocation::Queued)
         ));
     }
@@ -689,7 +689,7 @@ fn check_clean_reports_each_leftover() {
     a.exhaust(31);
     let w = waiter(1, &Arc::default());
     assert!(matches!(
-        a.allocate(req(1, false), &w),
+        a.allocate(req(1, false), &Arc::downgrade(&w)),
         Ok(Allocation::Queued)
     ));
     assert!(sim.check_clean().unwrap_err().contains("queued"));
@@ -981,7 +981,8 @@ fn steady_state_allocates_nothing() {
         a.register_waiter().unwrap();
         let mut sg = [SgElement::default(); 8];
         let run = |dir: Direction, sg: &mut [SgElement]| {
-            let Ok(Allocation::Granted(regs)) = a.allocate(req(6, false), &w) else {
+            let Ok(Allocation::Granted(regs)) = a.allocate(req(6, false), &Arc::downgrade(&w))
+            else {
                 panic!("free registers")
             };
             let m = a.map(&regs, &b, 0, 20_000, dir, sg).unwrap();
@@ -991,7 +992,7 @@ fn steady_state_allocates_nothing() {
             // the free.
             a.exhaust(32);
             assert!(matches!(
-                a.allocate(req(6, false), &w),
+                a.allocate(req(6, false), &Arc::downgrade(&w)),
                 Ok(Allocation::Queued)
             ));
             a.free(regs);

@@ -11,7 +11,9 @@
 //! Results and the commands that produced them: `docs/PERFORMANCE.md`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dmatx::hal::{Adapter, Allocation, AllocationRequest, AllocationWaiter, MapRegisters, Waiter};
+use dmatx::hal::{
+    Adapter, Allocation, AllocationRequest, AllocationWaiter, MapRegisters, Waiter, WaiterRef,
+};
 use dmatx::{
     Completion, Direction, DmaDevice, DmaVersion, Enabler, EnablerConfig, PAGE_SIZE, PhysAddr,
     Profile, SgElement, Transaction,
@@ -58,7 +60,7 @@ impl AllocationWaiter for NeverQueued {
     }
 }
 
-fn grant(adapter: &SimAdapter, count: u64, waiter: &Waiter) -> MapRegisters {
+fn grant(adapter: &SimAdapter, count: u64, waiter: &WaiterRef) -> MapRegisters {
     let request = AllocationRequest {
         count: NonZeroU32::new(count as u32).unwrap(),
         immediate: true,
@@ -74,7 +76,7 @@ fn pages(page_offset: u64, len: u64) -> u64 {
 }
 
 /// Baseline packet run: registers for the run, one element per transfer, flush, free.
-fn run_baseline_packet(adapter: &SimAdapter, buffer: &SimBuffer, f: u64, waiter: &Waiter) {
+fn run_baseline_packet(adapter: &SimAdapter, buffer: &SimBuffer, f: u64, waiter: &WaiterRef) {
     let len = buffer.len();
     let first = len.min(f);
     let count = if first == len {
@@ -112,7 +114,7 @@ fn run_baseline_sg(
     buffer: &SimBuffer,
     f: u64,
     sg: &mut [SgElement],
-    waiter: &Waiter,
+    waiter: &WaiterRef,
 ) {
     let len = buffer.len();
     let page_offset = dmatx::hal::MemoryDescriptor::segment(buffer, 0)
@@ -148,7 +150,8 @@ fn setup(profile: Profile, max: u64, registers: u32) -> (SimPlatform, Enabler<Si
 }
 
 fn cycles(c: &mut Criterion) {
-    let waiter: Waiter = Arc::new(NeverQueued);
+    let strong: Waiter = Arc::new(NeverQueued);
+    let waiter: WaiterRef = Arc::downgrade(&strong);
 
     let mut group = c.benchmark_group("cycle/packet_4k");
     group.throughput(Throughput::Elements(1));
@@ -190,7 +193,8 @@ fn cycles(c: &mut Criterion) {
 }
 
 fn sg_build(c: &mut Criterion) {
-    let waiter: Waiter = Arc::new(NeverQueued);
+    let strong: Waiter = Arc::new(NeverQueued);
+    let waiter: WaiterRef = Arc::downgrade(&strong);
     let sim = SimConfig::new().map_registers(300).build().unwrap();
     let adapter = {
         use dmatx::hal::Platform;
@@ -227,7 +231,8 @@ fn sg_build(c: &mut Criterion) {
 
 fn bounce(c: &mut Criterion) {
     const HIGH: u64 = 0x1_0000_0000;
-    let waiter: Waiter = Arc::new(NeverQueued);
+    let strong: Waiter = Arc::new(NeverQueued);
+    let waiter: WaiterRef = Arc::downgrade(&strong);
     let sim = SimConfig::new()
         .add_region(HIGH, 8 << 20)
         .map_registers(300)

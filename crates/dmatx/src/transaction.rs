@@ -21,7 +21,7 @@ use core::fmt;
 use core::num::NonZeroU32;
 use dmatx_hal::{
     Adapter, Allocation, AllocationRequest, AllocationWaiter, MapRegisters, MemoryDescriptor,
-    Platform, Waiter,
+    Platform, WaiterRef,
 };
 use dmatx_types::{
     Call, Direction, DmaVersion, Error, Misuse, Result, SgElement, State, TransactionKind, VirtAddr,
@@ -166,6 +166,7 @@ struct Inner<P: Platform, C, B> {
 /// dropped (returning registers can run other transactions' callbacks; dropping a context can
 /// run driver code).
 struct Leftovers<C> {
+    direction: Direction,
     registers: Option<MapRegisters>,
     context: Option<C>,
     packet_slot: bool,
@@ -215,7 +216,9 @@ struct Leftovers<C> {
 pub struct Transaction<P: Platform, C, B> {
     enabler: Arc<EnablerShared<P>>,
     kind: TransactionKind,
-    this: Weak<Self>,
+    /// This transaction as the platform's waiter (weak: no reference counting unless a request
+    /// actually queues).
+    waiter: WaiterRef,
     inner: Mutex<Inner<P, C, B>>,
     /// SG storage of the transfer being staged, preallocated at creation. Locked only by the
     /// stager, while it maps and while program-DMA reads the list.
@@ -262,10 +265,10 @@ where
         let mut area = Vec::with_capacity(capacity);
         area.resize(capacity, SgElement::default());
         let single_transfer = shared.require_single_transfer;
-        Ok(Arc::new_cyclic(|this| Self {
+        Ok(Arc::new_cyclic(|this: &Weak<Self>| Self {
             enabler: Arc::clone(shared),
             kind,
-            this: this.clone(),
+            waiter: this.clone() as WaiterRef,
             inner: Mutex::new(Inner {
                 state: State::Created,
                 direction: Direction::ReadFromDevice,
@@ -522,12 +525,11 @@ where
             .ok()
             .and_then(NonZeroU32::new)
             .ok_or(Error::InsufficientResources)?;
-        let waiter = self.waiter().ok_or(Error::InvalidDeviceState)?;
         let request = AllocationRequest {
             count,
             immediate: g.immediate,
         };
-        match record.adapter.allocate(request, &waiter)? {
+        match record.adapter.allocate(request, &self.waiter)? {
             Allocation::Granted(registers) => {
                 g.registers = Some(registers);
                 g.ready = true;
@@ -543,9 +545,9 @@ where
     /// Become the stager and stage ready transfers until none is left. Returns an error only if
     /// the platform failed to map a transfer, which finished the transaction.
     fn stage<'a>(&'a self, mut g: MutexGuard<'a, Inner<P, C, B>>) -> Option<Error> {
-        // Keep the object alive for the whole loop: the driver may drop its last handle from
-        // inside program-DMA (statement 72).
-        let _alive = self.this.upgrade();
+        // The object outlives the loop even if the driver drops its handle from inside
+        // program-DMA (statement 72): whoever called in (execute, a completion, or the
+        // platform granting a queued request) holds an `Arc` until it returns.
         g.staging = true;
         loop {
             g.ready = false;
@@ -704,9 +706,10 @@ where
             _ => {
                 // Return this transfer's registers before asking for the next one's, as KMDF
                 // puts the list back before building the next: a transfer may need them all.
+                let direction = g.direction;
                 drop(g);
                 if let Some(registers) = transfer_registers {
-                    self.return_registers(registers);
+                    self.return_registers(registers, direction);
                 }
                 g = self.inner.lock();
                 self.prepare_sg(&mut g)
@@ -752,6 +755,7 @@ where
         g.queued = false;
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
         Leftovers {
+            direction: g.direction,
             registers: g.registers.take(),
             context: g.context.take(),
             packet_slot,
@@ -762,7 +766,7 @@ where
     /// lock held.
     fn dispose(&self, leftovers: Leftovers<C>) {
         if let Some(registers) = leftovers.registers {
-            self.return_registers(registers);
+            self.return_registers(registers, leftovers.direction);
         }
         if leftovers.packet_slot {
             self.enabler.device.give_back_packet_slot();
@@ -770,8 +774,7 @@ where
         drop(leftovers.context);
     }
 
-    fn return_registers(&self, registers: MapRegisters) {
-        let direction = self.inner.lock().direction;
+    fn return_registers(&self, registers: MapRegisters, direction: Direction) {
         if let Some(record) = self.enabler.record(direction) {
             record.adapter.free(registers);
         }
@@ -847,15 +850,17 @@ where
         if !g.queued {
             return Ok(false);
         }
-        let (Some(record), Some(waiter)) = (self.enabler.record(g.direction), self.waiter()) else {
+        let Some(record) = self.enabler.record(g.direction) else {
             return Ok(false);
         };
-        if !record.adapter.cancel_allocation(&waiter) {
+        if !record.adapter.cancel_allocation(&self.waiter) {
             return Ok(false);
         }
         let leftovers = self.finish(&mut g, State::TransferFailed);
         drop(g);
         self.dispose(leftovers);
+        // Requests queued behind the withdrawn one may fit now.
+        record.adapter.dispatch_queued();
         Ok(true)
     }
 
@@ -1010,11 +1015,6 @@ where
     // ---------------------------------------------------------------------------------------
     // Misuse reporting
 
-    fn waiter(&self) -> Option<Waiter> {
-        let this: Arc<Self> = self.this.upgrade()?;
-        Some(this)
-    }
-
     fn misuse(&self, call: Call, state: State, reason: &'static str) -> Error {
         Error::Misuse(Misuse {
             call,
@@ -1052,8 +1052,9 @@ where
         if !g.queued || g.state != State::Transfer {
             // Not waiting (cannot happen with a backend that keeps the contract): give the
             // registers straight back rather than lose them.
+            let direction = g.direction;
             drop(g);
-            self.return_registers(registers);
+            self.return_registers(registers, direction);
             return;
         }
         g.queued = false;

@@ -6,7 +6,7 @@
 
 use dmatx::hal::{
     Adapter, Allocation, AllocationRequest, CommonAllocation, DeviceDescription, Mapping,
-    MemoryDescriptor, Platform, Segment, Waiter,
+    MemoryDescriptor, Platform, Segment, WaiterRef,
 };
 use dmatx::{BusAddr, Direction, Error, PAGE_SIZE, PhysAddr, Result, SgElement, VirtAddr};
 use std::sync::{Arc, Mutex};
@@ -67,7 +67,7 @@ impl Adapter for MockAdapter {
         Ok(())
     }
     fn unregister_waiter(&self) {}
-    fn allocate(&self, request: AllocationRequest, _: &Waiter) -> Result<Allocation> {
+    fn allocate(&self, request: AllocationRequest, _: &WaiterRef) -> Result<Allocation> {
         let mut b = self.books.lock().unwrap();
         let n = request.count.get();
         if b.in_use + n > self.registers {
@@ -76,9 +76,10 @@ impl Adapter for MockAdapter {
         b.in_use += n;
         Ok(Allocation::Granted(dmatx::hal::MapRegisters::new(0, n)))
     }
-    fn cancel_allocation(&self, _: &Waiter) -> bool {
+    fn cancel_allocation(&self, _: &WaiterRef) -> bool {
         false
     }
+    fn dispatch_queued(&self) {}
     fn map<D: MemoryDescriptor + ?Sized>(
         &self,
         _: &dmatx::hal::MapRegisters,

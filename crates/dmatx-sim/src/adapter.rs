@@ -825,8 +825,6 @@ impl Adapter for SimAdapter {
         }
         let (seg_index, seg_offset) =
             dmatx_hal::locate(buffer, offset).ok_or(Error::InvalidParameter)?;
-        let seg = buffer.segment(seg_index);
-        let want = length.min(seg.length - seg_offset);
         let first = registers.first();
 
         let mut st = lock(&a.state);
@@ -841,14 +839,29 @@ impl Adapter for SimAdapter {
         let mut elements = 0usize;
         let mut used = 0u32;
         let mut failure = None;
-        let start = seg.va.page_offset() + seg_offset;
-        while mapped < want {
+        // Walk the chain from the start segment; an SG list may span segments (each segment
+        // starts a new element unless its first byte continues the previous bus run).
+        let mut seg_index = seg_index;
+        let mut seg = buffer.segment(seg_index);
+        let mut seg_pos = seg_offset;
+        while mapped < length {
+            if seg_pos == seg.length {
+                seg_index += 1;
+                if seg_index >= buffer.segment_count() {
+                    break;
+                }
+                seg = buffer.segment(seg_index);
+                seg_pos = 0;
+                continue;
+            }
             if used == registers.count() {
                 break;
             }
-            let pos = start + mapped;
+            let pos = seg.va.page_offset() + seg_pos;
             let in_page = pos % PAGE_SIZE;
-            let chunk = (PAGE_SIZE - in_page).min(want - mapped);
+            let chunk = (PAGE_SIZE - in_page)
+                .min(length - mapped)
+                .min(seg.length - seg_pos);
             let Some(&frame) = usize::try_from(pos / PAGE_SIZE)
                 .ok()
                 .and_then(|i| seg.frames.get(i))
@@ -909,6 +922,7 @@ impl Adapter for SimAdapter {
             });
             used += 1;
             mapped += chunk;
+            seg_pos += chunk;
         }
         if let Some(e) = failure {
             for r in &mut st.regs[first as usize..(first + used) as usize] {
@@ -919,15 +933,17 @@ impl Adapter for SimAdapter {
         // `mapped > 0`: the loop maps at least the first page (one register, one element).
         let mut bounced_bytes = 0;
         if direction == Direction::WriteToDevice {
-            for r in &st.regs[first as usize..(first + used) as usize] {
-                if let Some(m) = r.map.filter(|m| m.bounced) {
-                    let n = m.hi - m.lo;
-                    a.shared
-                        .memory
-                        .copy(m.buffer_page + m.lo, m.data_page + m.lo, n as usize);
-                    bounced_bytes += n;
-                }
-            }
+            let bounced = st.regs[first as usize..(first + used) as usize]
+                .iter()
+                .filter_map(|r| r.map.filter(|m| m.bounced));
+            a.shared.memory.copy_batch(bounced.map(|m| {
+                bounced_bytes += m.hi - m.lo;
+                (
+                    m.buffer_page + m.lo,
+                    m.data_page + m.lo,
+                    (m.hi - m.lo) as usize,
+                )
+            }));
         }
         st.grants[first as usize].live = Some(LiveMap {
             used,
@@ -966,15 +982,17 @@ impl Adapter for SimAdapter {
         };
         let mut bounced_bytes = 0;
         if live.direction == Direction::ReadFromDevice {
-            for r in &st.regs[first as usize..(first + live.used) as usize] {
-                if let Some(m) = r.map.filter(|m| m.bounced) {
-                    let n = m.hi - m.lo;
-                    a.shared
-                        .memory
-                        .copy(m.data_page + m.lo, m.buffer_page + m.lo, n as usize);
-                    bounced_bytes += n;
-                }
-            }
+            let bounced = st.regs[first as usize..(first + live.used) as usize]
+                .iter()
+                .filter_map(|r| r.map.filter(|m| m.bounced));
+            a.shared.memory.copy_batch(bounced.map(|m| {
+                bounced_bytes += m.hi - m.lo;
+                (
+                    m.data_page + m.lo,
+                    m.buffer_page + m.lo,
+                    (m.hi - m.lo) as usize,
+                )
+            }));
         }
         AdapterInner::end_mapping(&mut st, first);
         st.stats.flushes += 1;

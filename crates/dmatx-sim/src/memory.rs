@@ -331,16 +331,32 @@ impl Memory {
     /// Copy `len` bytes from physical `src` to physical `dst` (a bounce copy). Returns `false`
     /// (copying nothing) if either range is not inside one region.
     pub(crate) fn copy(&self, src: u64, dst: u64, len: usize) -> bool {
-        let (Some(s), Some(d)) = (self.arena_offset(src, len), self.arena_offset(dst, len)) else {
-            return false;
-        };
-        let _g = lock(&self.copy);
-        // SAFETY: both ranges were checked to lie in bounds of the arena; `ptr::copy` allows
-        // overlap; the copy lock excludes any concurrent access to the arena.
-        unsafe {
-            std::ptr::copy(self.arena.ptr.add(s), self.arena.ptr.add(d), len);
+        self.copy_batch([(src, dst, len)])
+    }
+
+    /// Several copies of `(src, dst, len)` under one take of the copy lock (bounce pages of one
+    /// transfer). Returns `false` if any range is not inside one region; that copy is skipped.
+    pub(crate) fn copy_batch(&self, copies: impl IntoIterator<Item = (u64, u64, usize)>) -> bool {
+        let mut copies = copies.into_iter().peekable();
+        if copies.peek().is_none() {
+            // Nothing bounced: do not touch the machine-wide lock.
+            return true;
         }
-        true
+        let _g = lock(&self.copy);
+        let mut all = true;
+        for (src, dst, len) in copies {
+            let (Some(s), Some(d)) = (self.arena_offset(src, len), self.arena_offset(dst, len))
+            else {
+                all = false;
+                continue;
+            };
+            // SAFETY: both ranges were checked to lie in bounds of the arena; `ptr::copy` allows
+            // overlap; the copy lock excludes any concurrent access to the arena.
+            unsafe {
+                std::ptr::copy(self.arena.ptr.add(s), self.arena.ptr.add(d), len);
+            }
+        }
+        all
     }
 
     /// Set `len` bytes at physical `phys` to `byte`. Returns `false` if the range is not

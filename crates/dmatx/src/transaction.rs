@@ -260,7 +260,8 @@ where
                 .map(|r| r.map_registers as usize)
                 .max()
                 .unwrap_or(1),
-            _ => 1,
+            // Packet transfers map onto the stager's stack.
+            _ => 0,
         };
         let mut area = Vec::with_capacity(capacity);
         area.resize(capacity, SgElement::default());
@@ -551,14 +552,21 @@ where
         g.staging = true;
         loop {
             g.ready = false;
-            let mut area = self.staging_area.lock();
-            let limit = match self.kind {
-                TransactionKind::ScatterGather => {
-                    area.len().min(self.enabler.max_sg_elements() as usize)
-                }
-                _ => 1,
+            // A packet transfer's one element lives on this stack, as KMDF's does; an SG list
+            // in the preallocated staging area, locked only by the stager.
+            let mut one = [SgElement::default()];
+            let mut area = match self.kind {
+                TransactionKind::ScatterGather => Some(self.staging_area.lock()),
+                _ => None,
             };
-            let mapped = self.map_next(&g, &mut area[..limit]);
+            let out: &mut [SgElement] = match area.as_mut() {
+                Some(area) => {
+                    let limit = area.len().min(self.enabler.max_sg_elements() as usize);
+                    &mut area[..limit]
+                }
+                None => &mut one,
+            };
+            let mapped = self.map_next(&g, out);
             let elements = match mapped {
                 Ok(m) => {
                     // The platform may map fewer bytes than asked; the rest stays to do.
@@ -582,7 +590,7 @@ where
                 return Some(Error::InvalidDeviceState);
             };
             drop(g);
-            program_dma(self, &context, direction, &area[..elements]);
+            program_dma(self, &context, direction, &out[..elements]);
             drop(area);
             drop(context);
             g = self.inner.lock();

@@ -328,12 +328,6 @@ impl Memory {
         true
     }
 
-    /// Copy `len` bytes from physical `src` to physical `dst` (a bounce copy). Returns `false`
-    /// (copying nothing) if either range is not inside one region.
-    pub(crate) fn copy(&self, src: u64, dst: u64, len: usize) -> bool {
-        self.copy_batch([(src, dst, len)])
-    }
-
     /// Several copies of `(src, dst, len)` under one take of the copy lock (bounce pages of one
     /// transfer). Returns `false` if any range is not inside one region; that copy is skipped.
     pub(crate) fn copy_batch(&self, copies: impl IntoIterator<Item = (u64, u64, usize)>) -> bool {
@@ -614,7 +608,7 @@ mod tests {
         let mut out = [0u8; 5];
         assert!(m.read(hi[0].get() + 10, &mut out));
         assert_eq!(&out, b"hello");
-        assert!(m.copy(hi[0].get() + 10, 0x10_0000, 5));
+        assert!(m.copy_batch([(hi[0].get() + 10, 0x10_0000, 5)]));
         assert!(m.read(0x10_0000, &mut out));
         assert_eq!(&out, b"hello");
         // Crossing the end of a region or outside memory is refused.

@@ -123,3 +123,43 @@ fn stmt_078_reuse_with_another_direction_and_buffer() {
     }
     assert_clean(&sim);
 }
+
+#[test]
+fn forgetting_an_executing_transaction_never_lets_the_device_write_into_reused_memory() {
+    // `mem::forget` of the only handle while the device owns a transfer: the buffer's pages must
+    // stay allocated forever, so a device write that lands later hits memory nobody else has.
+    use dmatx::hal::MemoryDescriptor;
+    use dmatx_sim::{CompletionMode, DeviceConfig, SimDmaDevice};
+    let sim = sim(8);
+    let e = enabler(&sim, Profile::ScatterGather64, 4096, DmaVersion::V3);
+    let adapter = e.adapter(R).unwrap().clone();
+    let device = std::sync::Arc::new(SimDmaDevice::new(
+        &adapter,
+        DeviceConfig::default()
+            .storage_bytes(8192)
+            .mode(CompletionMode::Manual),
+    ));
+    device.write_storage(0, &[0xEE; 8192]).unwrap();
+    let t = Tx::create(&e).unwrap();
+    let b = buffer(&sim, 4096, 0);
+    let frame = b.segment(0).frames[0];
+    t.initialize_using_offset(record, R, b, 0, 4096).unwrap();
+    let log = Log::new();
+    t.execute(log.clone()).unwrap();
+    let sg = log.calls()[0].sg.clone();
+    device.start(R, &sg, 0);
+    std::mem::forget(t);
+    // Memory is allocated again; none of it may be the forgotten buffer's page.
+    let others: Vec<_> = (0..64).map(|_| buffer(&sim, 4096, 0)).collect();
+    assert!(others.iter().all(|o| o.segment(0).frames[0] != frame));
+    // The device finishes its write: it lands in the leaked page, through a live mapping.
+    assert!(device.step());
+    assert!(sim.sanitizer_record().is_empty());
+    for o in &others {
+        assert_eq!(o.to_vec(), vec![0; 4096], "no other buffer was written");
+    }
+    // The leak is visible: registers out of the pool and memory not returned.
+    assert!(sim.check_clean().is_err());
+    drop(others);
+    assert!(sim.check_memory_returned().is_err());
+}

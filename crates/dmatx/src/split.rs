@@ -5,8 +5,60 @@
 //! offsets; nothing touches memory or the platform, so it is tested directly against a naive
 //! model.
 
-use dmatx_hal::{MemoryDescriptor, PAGE_SIZE};
+use dmatx_hal::{MemoryDescriptor, PAGE_SIZE, Segment};
 use dmatx_types::pages_spanned;
+
+/// The part of one segment that a chain range covers.
+struct Piece<'a> {
+    segment: Segment<'a>,
+    /// Offset of the first covered byte inside the segment.
+    start: u64,
+    /// Bytes covered in this segment.
+    length: u64,
+}
+
+impl Piece<'_> {
+    /// Offset of the first covered byte within its page.
+    fn page_offset(&self) -> u64 {
+        self.segment.va.page_offset() + self.start
+    }
+
+    /// Pages (map registers) the covered bytes span.
+    fn pages(&self) -> u64 {
+        pages_spanned(self.page_offset(), self.length)
+    }
+}
+
+/// The pieces of the segments that `length` bytes from chain offset `offset` cover, in order.
+/// Bytes past the end of the chain are not covered.
+fn pieces<D: MemoryDescriptor + ?Sized>(
+    buffer: &D,
+    offset: u64,
+    length: u64,
+) -> impl Iterator<Item = Piece<'_>> {
+    let mut skip = offset;
+    let mut left = length;
+    let mut index = 0;
+    core::iter::from_fn(move || {
+        while left > 0 && index < buffer.segment_count() {
+            let segment = buffer.segment(index);
+            index += 1;
+            if skip >= segment.length {
+                skip -= segment.length;
+                continue;
+            }
+            let piece = Piece {
+                segment,
+                start: skip,
+                length: (segment.length - skip).min(left),
+            };
+            left -= piece.length;
+            skip = 0;
+            return Some(piece);
+        }
+        None
+    })
+}
 
 /// Pages spanned by `length` bytes of `buffer` from chain offset `offset`, counted per segment
 /// (each segment's first and last pages count even when they share a frame with a neighbour):
@@ -18,24 +70,7 @@ pub(crate) fn pages_in_range<D: MemoryDescriptor + ?Sized>(
     offset: u64,
     length: u64,
 ) -> u64 {
-    let mut skip = offset;
-    let mut left = length;
-    let mut pages = 0;
-    for i in 0..buffer.segment_count() {
-        if left == 0 {
-            break;
-        }
-        let seg = buffer.segment(i);
-        if skip >= seg.length {
-            skip -= seg.length;
-            continue;
-        }
-        let take = (seg.length - skip).min(left);
-        pages += pages_spanned(seg.va.page_offset() + skip, take);
-        left -= take;
-        skip = 0;
-    }
-    pages
+    pieces(buffer, offset, length).map(|p| p.pages()).sum()
 }
 
 /// The longest prefix (≤ `length` bytes) of the range at `offset` whose pages fit in `budget`
@@ -47,35 +82,20 @@ pub(crate) fn fit_to_registers<D: MemoryDescriptor + ?Sized>(
     length: u64,
     budget: u64,
 ) -> (u64, u64) {
-    let mut skip = offset;
-    let mut left = length;
     let mut bytes = 0;
     let mut pages = 0;
-    for i in 0..buffer.segment_count() {
-        if left == 0 {
-            break;
-        }
-        let seg = buffer.segment(i);
-        if skip >= seg.length {
-            skip -= seg.length;
-            continue;
-        }
-        let start = seg.va.page_offset() + skip;
-        let take = (seg.length - skip).min(left);
-        let need = pages_spanned(start, take);
+    for piece in pieces(buffer, offset, length) {
+        let need = piece.pages();
         if pages + need <= budget {
             pages += need;
-            bytes += take;
-            left -= take;
-            skip = 0;
+            bytes += piece.length;
             continue;
         }
         // Take as many whole pages of this segment as the budget allows.
         let room = budget - pages;
         if room > 0 {
-            let first = start % PAGE_SIZE;
-            let fit = room * PAGE_SIZE - first;
-            bytes += fit.min(take);
+            let fit = room * PAGE_SIZE - piece.page_offset() % PAGE_SIZE;
+            bytes += fit.min(piece.length);
             pages += room;
         }
         break;
@@ -135,34 +155,19 @@ pub(crate) fn physical_runs<D: MemoryDescriptor + ?Sized>(
     offset: u64,
     length: u64,
 ) -> u64 {
-    let mut skip = offset;
-    let mut left = length;
     let mut runs = 0;
-    for i in 0..buffer.segment_count() {
-        if left == 0 {
-            break;
-        }
-        let seg = buffer.segment(i);
-        if skip >= seg.length {
-            skip -= seg.length;
-            continue;
-        }
-        let take = (seg.length - skip).min(left);
-        let first_page = (seg.va.page_offset() + skip) / PAGE_SIZE;
-        let pages = pages_spanned(seg.va.page_offset() + skip, take);
+    for piece in pieces(buffer, offset, length) {
+        let frames = piece.segment.frames;
+        let first = (piece.page_offset() / PAGE_SIZE) as usize;
+        let last = first + piece.pages() as usize;
         runs += 1;
-        for p in first_page + 1..first_page + pages {
-            let (Some(prev), Some(this)) =
-                (seg.frames.get(p as usize - 1), seg.frames.get(p as usize))
-            else {
-                break;
-            };
-            if prev.page_base().get().checked_add(PAGE_SIZE) != Some(this.page_base().get()) {
+        for p in first + 1..last.min(frames.len()) {
+            let contiguous = frames[p - 1].page_base().get().checked_add(PAGE_SIZE)
+                == Some(frames[p].page_base().get());
+            if !contiguous {
                 runs += 1;
             }
         }
-        left -= take;
-        skip = 0;
     }
     runs
 }
@@ -274,6 +279,19 @@ mod tests {
         assert_eq!(first_too_fragmented(&aligned, 0, 8192, 8192, 2), None);
         // Smaller fragments make each chunk fit.
         assert_eq!(first_too_fragmented(&c, 0, 8192, 4096, 2), None);
+    }
+
+    #[test]
+    fn physical_runs_break_at_segments_and_frame_gaps() {
+        // The test chain's frames are consecutive inside a segment and far apart across them.
+        let c = Chain::new(&[(0x100, 5000), (0, 4096), (4000, 300)]);
+        assert_eq!(physical_runs(&c, 0, c.total_length()), 3);
+        assert_eq!(physical_runs(&c, 0, 100), 1);
+        assert_eq!(physical_runs(&c, 4999, 2), 2);
+        let mut gappy = Chain::new(&[(0, 3 * 4096)]);
+        gappy.segs[0].2[2] = PhysAddr::new(0x9999_0000);
+        assert_eq!(physical_runs(&gappy, 0, 3 * 4096), 2);
+        assert_eq!(physical_runs(&gappy, 0, 2 * 4096), 1);
     }
 
     #[test]

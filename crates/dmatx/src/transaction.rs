@@ -602,16 +602,23 @@ where
     }
 
     fn map_next(&self, g: &Inner<P, C, B>, out: &mut [SgElement]) -> Result<dmatx_hal::Mapping> {
-        let record = self
-            .enabler
-            .record(g.direction)
-            .ok_or(Error::InvalidDeviceState)?;
-        let registers = g.registers.as_ref().ok_or(Error::InvalidDeviceState)?;
-        let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let (adapter, registers, buffer) = self.transfer_parts(g)?;
         let position = g.offset + g.transferred;
-        record
-            .adapter
-            .map(registers, buffer, position, g.next, g.direction, out)
+        adapter.map(registers, buffer, position, g.next, g.direction, out)
+    }
+
+    /// The adapter, registers and buffer of the transfer at hand.
+    fn transfer_parts<'g>(
+        &'g self,
+        g: &'g Inner<P, C, B>,
+    ) -> Result<(&'g P::Adapter, &'g MapRegisters, &'g B)> {
+        let record = self.enabler.record(g.direction);
+        match (record, g.registers.as_ref(), g.buffer.as_ref()) {
+            (Some(record), Some(registers), Some(buffer)) => {
+                Ok((&record.adapter, registers, buffer))
+            }
+            _ => Err(Error::InvalidDeviceState),
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -741,16 +748,9 @@ where
 
     /// End the current transfer's mapping (bounced data is copied back).
     fn flush_current(&self, g: &Inner<P, C, B>) -> Result<()> {
-        let record = self
-            .enabler
-            .record(g.direction)
-            .ok_or(Error::InvalidDeviceState)?;
-        let registers = g.registers.as_ref().ok_or(Error::InvalidDeviceState)?;
-        let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        let (adapter, registers, buffer) = self.transfer_parts(g)?;
         let position = g.offset + g.transferred;
-        record
-            .adapter
-            .flush(registers, buffer, position, g.current, g.direction)
+        adapter.flush(registers, buffer, position, g.current, g.direction)
     }
 
     /// Finish the run: set the final state and take out the per-run resources.

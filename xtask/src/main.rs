@@ -164,8 +164,22 @@ fn tier_miri() -> ExitCode {
         let names: Vec<&str> = packages.iter().copied().filter(|a| *a != "-p").collect();
         run.step(&format!("miri {}", names.join(" ")), cmd);
     }
+    // Transactions end to end over the simulated memory: buffer ownership, bounce copies,
+    // the device's accesses, and the deliberate leaks of a transaction deleted or forgotten
+    // while its transfer runs (hence the leak check is off for this step only).
+    let mut argv = vec!["+nightly", "miri", "test", "-p", "dmatx"];
+    for test in MIRI_INTEGRATION_TESTS {
+        argv.extend_from_slice(&["--test", test]);
+    }
+    let mut cmd = cargo(&root, &argv);
+    cmd.env("MIRIFLAGS", format!("{flags} -Zmiri-ignore-leaks"));
+    run.step("miri dmatx transactions over sim memory", cmd);
     run.finish()
 }
+
+/// The core's integration tests that also run under Miri (the others are property or timing
+/// heavy and add nothing Miri can see that these do not).
+const MIRI_INTEGRATION_TESTS: [&str; 4] = ["release", "cancel", "completion", "common_buffer"];
 
 /// `bench`: `cargo bench -p dmatx`, arguments before `--` to cargo and after it to criterion;
 /// then prints where criterion wrote its results.

@@ -235,6 +235,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "a byte-by-byte model: slow under Miri and no memory to check"
+    )]
     fn pages_in_range_matches_naive_model() {
         let c = Chain::new(&[(0x100, 5000), (0, 4096), (4000, 300), (17, 9000)]);
         let total = c.total_length();

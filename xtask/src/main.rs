@@ -29,7 +29,8 @@ tiers:
                        (debug, verifier on), loom smoke (LOOM_MAX_PREEMPTIONS=2)
   loom [-- <filter>]   all loom models in crates/*/tests/loom*.rs, release, --cfg loom,
                        LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}, target dir target/loom
-  miri                 Miri over the library unit tests (needs nightly + miri + rust-src;
+  miri                 Miri over the library unit tests and the core's transaction tests
+                       over simulated memory (needs nightly + miri + rust-src;
                        installs them with rustup if missing; MIRIFLAGS defaults to
                        -Zmiri-strict-provenance). Exit 2 if Miri cannot be had, or 0 with
                        DMATX_ALLOW_SKIP=1

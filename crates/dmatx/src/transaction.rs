@@ -569,10 +569,11 @@ where
             let mapped = self.map_next(&g, out);
             let elements = match mapped {
                 Ok(m) => {
-                    // The platform may map fewer bytes than asked; the rest stays to do.
-                    g.current = m.bytes;
+                    // The platform may map fewer bytes than asked; the rest stays to do. (A
+                    // backend reporting more than asked or than fits is clamped, not trusted.)
+                    g.current = m.bytes.min(g.next);
                     g.programmed = true;
-                    m.elements
+                    m.elements.min(out.len())
                 }
                 Err(e) => {
                     drop(area);

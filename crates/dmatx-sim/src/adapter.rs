@@ -15,7 +15,10 @@
 //! allocates nothing.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dmatx_hal::{
     Adapter, Allocation, AllocationRequest, BusAddr, CommonAllocation, DeviceDescription,
@@ -176,7 +179,7 @@ enum RegState {
     Hostage,
 }
 
-/// What one register maps while a mapping is live.
+/// What one register maps while a mapping is live, decoded from its [`RegSlot`].
 #[derive(Clone, Copy, Debug)]
 struct RegMap {
     /// Bus address of the page the register maps.
@@ -189,13 +192,49 @@ struct RegMap {
     lo: u64,
     hi: u64,
     bounced: bool,
-    direction: Direction,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Reg {
-    state: RegState,
-    map: Option<RegMap>,
+/// Bit of [`RegSlot::page`] set when the register's page is bounced (page addresses have their
+/// low bits clear).
+const BOUNCED: u64 = 1;
+/// Bits of each of `lo` and `hi` in [`RegSlot::range`].
+const SPAN_BITS: u32 = 16;
+const SPAN_MASK: u64 = (1 << SPAN_BITS) - 1;
+const _: () = assert!(PAGE_SIZE <= SPAN_MASK && PAGE_SIZE > BOUNCED);
+
+/// Aligns its contents to their own cache lines (two, for adjacent-line prefetchers), so that
+/// grants held by different threads do not share a line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// The mapping fields of one register, packed in two words (the bus and data pages follow from
+/// them and the register's index). They are written only by `map`, with the slot of the grant
+/// holding the register locked, and read by the sanitizer with that same slot locked and the
+/// slot's live mapping covering the register, so a reader sees one whole mapping. Outside a
+/// live mapping they are stale and mean nothing (only hints for the sanitizer's search).
+#[derive(Default)]
+struct RegSlot {
+    /// The buffer's physical page, `| BOUNCED`.
+    page: AtomicU64,
+    /// `lo | hi << SPAN_BITS | owner << 32`, where `owner` is the first register of the grant
+    /// that mapped the register last: the slot the sanitizer locks to check the mapping.
+    range: AtomicU64,
+}
+
+impl RegSlot {
+    #[inline]
+    fn store(&self, buffer_page: u64, bounced: bool, lo: u64, hi: u64, owner: u32) {
+        self.page
+            .store(buffer_page | if bounced { BOUNCED } else { 0 }, Relaxed);
+        self.range
+            .store(lo | (hi << SPAN_BITS) | (u64::from(owner) << 32), Relaxed);
+    }
+
+    #[inline]
+    fn owner(&self) -> usize {
+        (self.range.load(Relaxed) >> 32) as usize
+    }
 }
 
 /// A live mapping of a grant.
@@ -205,13 +244,41 @@ struct LiveMap {
     offset: u64,
     bytes: u64,
     direction: Direction,
+    /// Some page of it goes through a bounce page.
+    bounced: bool,
 }
 
-/// The grant starting at a register, if one does.
+/// Counters kept per grant slot (summed by [`AdapterInner::stats`]), so that transfers on
+/// different grants never write a shared line.
 #[derive(Clone, Copy, Debug, Default)]
-struct Grant {
+struct SlotCounters {
+    maps: u64,
+    short_maps: u64,
+    bytes_mapped: u64,
+    flushes: u64,
+    flush_errors: u64,
+    unflushed_frees: u64,
+    bytes_bounced: u64,
+}
+
+/// The grant starting at a register, if one does: what `map`, `flush` and `free` touch, locked
+/// per grant. Only the grant's holder (and the sanitizer) take the lock.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Registers of the grant starting here; 0 if none does.
     count: u32,
     live: Option<LiveMap>,
+    counters: SlotCounters,
+}
+
+/// Device-access counters (atomics: device models run on any thread).
+#[derive(Debug, Default)]
+struct DeviceCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    violations: AtomicU64,
 }
 
 struct Queued {
@@ -228,19 +295,28 @@ struct CommonRecord {
     length: u64,
 }
 
+/// Register allocation and the waiter queue: the adapter-wide lock, held only briefly by
+/// `allocate` and `free` (never while mapping).
 struct State {
-    regs: Vec<Reg>,
-    grants: Vec<Grant>,
+    regs: Vec<RegState>,
     queue: VecDeque<Queued>,
     registered: usize,
     in_use: u32,
-    common: Vec<CommonRecord>,
-    next_token: u64,
-    fail_flush: Option<Error>,
+    /// Counters of allocation (grants, queueing, refusals, cancels, peak).
     stats: AdapterStats,
 }
 
+/// Common buffers, sorted by bus address.
+struct Common {
+    records: Vec<CommonRecord>,
+    next_token: u64,
+}
+
 /// The shared state behind a [`SimAdapter`].
+///
+/// Lock order: `state` before a grant slot (a grant is opened with both held); a grant slot or
+/// `common` before the memory's copy lock. No path holds two grant slots, or a slot and
+/// `common`, at once.
 pub(crate) struct AdapterInner {
     pub(crate) id: usize,
     pub(crate) shared: Arc<Shared>,
@@ -251,7 +327,18 @@ pub(crate) struct AdapterInner {
     iova_base: u64,
     /// Bounce page of each register (empty unless in bounce mode).
     bounce: Vec<PhysAddr>,
-    state: Mutex<State>,
+    /// Padded, as are the other fields written at run time, so that writing them does not
+    /// evict the read-only fields above from the caches of threads mapping.
+    state: Padded<Mutex<State>>,
+    /// Mapping fields of each register.
+    regs: Vec<RegSlot>,
+    /// The grant starting at each register.
+    slots: Vec<Padded<Mutex<Slot>>>,
+    common: Padded<Mutex<Common>>,
+    /// Whether `fail_flush` holds an error (so `flush` need not lock it).
+    fail_armed: AtomicBool,
+    fail_flush: Mutex<Option<Error>>,
+    device: Padded<DeviceCounters>,
 }
 
 /// A simulated DMA adapter (cheap to clone; clones name the same adapter).
@@ -342,23 +429,22 @@ impl AdapterInner {
             n,
             iova_base,
             bounce,
-            state: Mutex::new(State {
-                regs: vec![
-                    Reg {
-                        state: RegState::Free,
-                        map: None
-                    };
-                    n as usize
-                ],
-                grants: vec![Grant::default(); n as usize],
+            state: Padded(Mutex::new(State {
+                regs: vec![RegState::Free; n as usize],
                 queue: VecDeque::new(),
                 registered: 0,
                 in_use: 0,
-                common: Vec::new(),
-                next_token: 1,
-                fail_flush: None,
                 stats,
-            }),
+            })),
+            regs: (0..n).map(|_| RegSlot::default()).collect(),
+            slots: (0..n).map(|_| Padded::default()).collect(),
+            common: Padded(Mutex::new(Common {
+                records: Vec::new(),
+                next_token: 1,
+            })),
+            fail_armed: AtomicBool::new(false),
+            fail_flush: Mutex::new(None),
+            device: Padded::default(),
         })
     }
 
@@ -367,7 +453,7 @@ impl AdapterInner {
         let count = count as usize;
         let mut run = 0;
         for (i, r) in st.regs.iter().enumerate() {
-            if r.state == RegState::Free {
+            if *r == RegState::Free {
                 run += 1;
                 if run == count {
                     return u32::try_from(i + 1 - count).ok();
@@ -379,43 +465,77 @@ impl AdapterInner {
         None
     }
 
+    /// Grant the free registers `first .. first + count` (with `st` locked). The caller opens
+    /// the grant's slot with [`AdapterInner::open`] once it has dropped the lock.
     fn grant(st: &mut State, first: u32, count: u32) -> MapRegisters {
         for r in &mut st.regs[first as usize..(first + count) as usize] {
-            r.state = RegState::Granted;
-            r.map = None;
+            *r = RegState::Granted;
         }
-        st.grants[first as usize] = Grant { count, live: None };
         st.in_use += count;
         st.stats.peak_in_use = st.stats.peak_in_use.max(st.in_use);
         st.stats.grants += 1;
         MapRegisters::new(first, count)
     }
 
-    /// Whether `registers` is a grant of this adapter that is outstanding now.
-    fn check_grant(&self, st: &State, registers: &MapRegisters) -> bool {
-        let (first, count) = (registers.first(), registers.count());
-        count > 0
-            && first.checked_add(count).is_some_and(|end| end <= self.n)
-            && st.grants[first as usize].count == count
-            && st.regs[first as usize..(first + count) as usize]
-                .iter()
-                .all(|r| r.state == RegState::Granted)
+    /// Open the slot of a grant just made, before handing it out. Until then its slot says no
+    /// grant starts there (the last `free` of the registers closed it before returning them), so
+    /// nothing else touches the registers in between.
+    fn open(&self, registers: MapRegisters) -> MapRegisters {
+        let mut slot = lock(&self.slots[registers.first() as usize].0);
+        slot.count = registers.count();
+        slot.live = None;
+        drop(slot);
+        registers
     }
 
-    /// End the live mapping of the grant at `first`, if any. Returns it.
-    fn end_mapping(st: &mut State, first: u32) -> Option<LiveMap> {
-        let live = st.grants[first as usize].live.take()?;
-        for r in &mut st.regs[first as usize..(first + live.used) as usize] {
-            r.map = None;
+    /// Bus and data pages of register `r` mapping `buffer_page` (bounced or not).
+    #[inline]
+    fn pages_of(&self, r: usize, buffer_page: u64, bounced: bool) -> (u64, u64) {
+        if bounced {
+            let b = self.bounce[r].get();
+            (b, b)
+        } else if self.config.mode == AdapterMode::Iommu {
+            (self.iova_base + r as u64 * PAGE_SIZE, buffer_page)
+        } else {
+            (buffer_page, buffer_page)
         }
-        Some(live)
+    }
+
+    /// The mapping register `r`'s fields describe (meaningful only while live).
+    #[inline]
+    fn reg_map(&self, r: usize) -> RegMap {
+        let reg = &self.regs[r];
+        let page = reg.page.load(Relaxed);
+        let range = reg.range.load(Relaxed);
+        let (buffer_page, bounced) = (page & !BOUNCED, page & BOUNCED != 0);
+        let (bus_page, data_page) = self.pages_of(r, buffer_page, bounced);
+        RegMap {
+            bus_page,
+            data_page,
+            buffer_page,
+            lo: range & SPAN_MASK,
+            hi: (range >> SPAN_BITS) & SPAN_MASK,
+            bounced,
+        }
+    }
+
+    /// The slot of `registers`, locked, if it is a grant of this adapter that is outstanding
+    /// now.
+    #[inline]
+    fn grant_slot(&self, registers: &MapRegisters) -> Option<MutexGuard<'_, Slot>> {
+        let (first, count) = (registers.first(), registers.count());
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > self.n) {
+            return None;
+        }
+        let slot = lock(&self.slots[first as usize].0);
+        (slot.count == count).then_some(slot)
     }
 
     /// Grant queued requests, in order, while the head fits; call each waiter with no lock held.
     fn grant_waiters(&self) {
         loop {
             let (waiter, registers) = {
-                let mut st = lock(&self.state);
+                let mut st = lock(&self.state.0);
                 let Some(head) = st.queue.front() else { return };
                 let Some(first) = Self::find_run(&st, head.count) else {
                     return;
@@ -426,7 +546,7 @@ impl AdapterInner {
                 let registers = Self::grant(&mut st, first, q.count);
                 (q.waiter, registers)
             };
-            waiter.granted(registers);
+            waiter.granted(self.open(registers));
         }
     }
 
@@ -434,51 +554,95 @@ impl AdapterInner {
         lock(&self.shared.issues).push(format!("adapter {}: {issue}", self.id));
     }
 
-    /// Translate one device chunk (within a bus page) to the physical address holding it.
-    fn translate(
+    /// Whether register `r` has a live mapping covering `lo .. hi` of `bus_page` for `access`:
+    /// its grant's slot, locked (so the mapping stays live while it is held), and the physical
+    /// address of byte `lo`.
+    fn reg_translation(
         &self,
-        st: &State,
+        r: usize,
+        bus_page: u64,
+        lo: u64,
+        hi: u64,
+        access: Access,
+        wrong_direction: &mut bool,
+    ) -> Option<(MutexGuard<'_, Slot>, u64)> {
+        // The owner is a hint: what decides is the slot's live mapping covering `r`, and a
+        // live mapping of the grant at `owner` covering `r` means the grant still holds `r`
+        // and wrote its fields under this lock. A device access that may use the mapping
+        // happens after the `map` that made it, so it sees that map's owner.
+        let owner = self.regs[r].owner();
+        if owner > r {
+            return None;
+        }
+        let slot = lock(&self.slots[owner].0);
+        let live = slot.live?;
+        if r >= owner + live.used as usize {
+            return None;
+        }
+        let m = self.reg_map(r);
+        if m.bus_page != bus_page || lo < m.lo || hi > m.hi {
+            return None;
+        }
+        let allowed = match access {
+            Access::Read => live.direction == Direction::WriteToDevice,
+            Access::Write => live.direction == Direction::ReadFromDevice,
+        };
+        if allowed {
+            Some((slot, m.data_page + lo))
+        } else {
+            *wrong_direction = true;
+            None
+        }
+    }
+
+    /// Translate one device chunk (within a bus page) to the physical address holding it and
+    /// call `f` with it, holding the lock of the live mapping or common buffer that covers the
+    /// chunk (so no `flush`, `free` or common-buffer free ends it meanwhile).
+    fn with_translation<R>(
+        &self,
         bus: u64,
         len: u64,
         access: Access,
-    ) -> Result<u64, ViolationKind> {
+        f: impl FnOnce(u64) -> R,
+    ) -> Result<R, ViolationKind> {
         let bus_page = page(bus);
         let lo = bus - bus_page;
         let hi = lo + len;
         let mut wrong_direction = false;
-        let mut check = |m: &RegMap| -> Option<u64> {
-            if m.bus_page != bus_page || lo < m.lo || hi > m.hi {
-                return None;
-            }
-            let allowed = match access {
-                Access::Read => m.direction == Direction::WriteToDevice,
-                Access::Write => m.direction == Direction::ReadFromDevice,
-            };
-            if allowed {
-                Some(m.data_page + lo)
-            } else {
-                wrong_direction = true;
-                None
-            }
-        };
         if self.config.mode == AdapterMode::Iommu {
             let window = u64::from(self.n) * PAGE_SIZE;
             if let Some(off) = bus_page.checked_sub(self.iova_base).filter(|o| *o < window)
-                && let Some(m) = &st.regs[(off / PAGE_SIZE) as usize].map
-                && let Some(p) = check(m)
+                && let Some((_slot, p)) = self.reg_translation(
+                    (off / PAGE_SIZE) as usize,
+                    bus_page,
+                    lo,
+                    hi,
+                    access,
+                    &mut wrong_direction,
+                )
             {
-                return Ok(p);
+                return Ok(f(p));
             }
         } else {
-            for r in &st.regs {
-                if let Some(p) = r.map.as_ref().and_then(&mut check) {
-                    return Ok(p);
+            for (r, reg) in self.regs.iter().enumerate() {
+                // Skip registers whose last mapping was of another page without locking.
+                let page = reg.page.load(Relaxed);
+                if self.pages_of(r, page & !BOUNCED, page & BOUNCED != 0).0 != bus_page {
+                    continue;
+                }
+                if let Some((_slot, p)) =
+                    self.reg_translation(r, bus_page, lo, hi, access, &mut wrong_direction)
+                {
+                    return Ok(f(p));
                 }
             }
         }
-        for c in &st.common {
-            if bus >= c.bus && bus + len <= c.bus + c.length {
-                return Ok(c.phys + (bus - c.bus));
+        {
+            let common = lock(&self.common.0);
+            for c in &common.records {
+                if bus >= c.bus && bus + len <= c.bus + c.length {
+                    return Ok(f(c.phys + (bus - c.bus)));
+                }
             }
         }
         Err(if wrong_direction {
@@ -490,6 +654,11 @@ impl AdapterInner {
 
     /// A device access of `len` bytes at `bus`: check every byte, then move them all with
     /// `copy(phys, position, bytes)` per chunk, or move nothing and record a violation.
+    ///
+    /// Each chunk is checked, and later copied, with the mapping covering it locked, so a
+    /// chunk's copy never overlaps the end of its mapping. A `flush` or `free` racing the access
+    /// from another thread (a driver bug) can end a mapping between the check and the copy;
+    /// the access is then reported as a violation after the chunks before it moved.
     pub(crate) fn device_access(
         &self,
         bus: u64,
@@ -497,7 +666,7 @@ impl AdapterInner {
         access: Access,
         mut copy: impl FnMut(u64, usize, usize) -> bool,
     ) -> Result<(), Violation> {
-        let mut st = lock(&self.state);
+        let memory = &self.shared.memory;
         let outcome = (|| {
             let end = bus
                 .checked_add(len as u64)
@@ -506,13 +675,15 @@ impl AdapterInner {
                 let mut pos = bus;
                 while pos < end {
                     let chunk = (page(pos) + PAGE_SIZE).min(end) - pos;
-                    let phys = self.translate(&st, pos, chunk, access)?;
                     let at = (pos - bus) as usize;
-                    if pass == 0 {
-                        if !self.shared.memory.contains(phys, chunk as usize) {
-                            return Err(ViolationKind::OutsideMemory);
+                    let moved = self.with_translation(pos, chunk, access, |phys| {
+                        if pass == 0 {
+                            memory.contains(phys, chunk as usize)
+                        } else {
+                            copy(phys, at, chunk as usize)
                         }
-                    } else if !copy(phys, at, chunk as usize) {
+                    })?;
+                    if !moved {
                         return Err(ViolationKind::OutsideMemory);
                     }
                     pos += chunk;
@@ -520,23 +691,23 @@ impl AdapterInner {
             }
             Ok(())
         })();
+        let d = &self.device.0;
         match outcome {
             Ok(()) => {
                 match access {
                     Access::Read => {
-                        st.stats.device_reads += 1;
-                        st.stats.device_bytes_read += len as u64;
+                        d.reads.fetch_add(1, Relaxed);
+                        d.bytes_read.fetch_add(len as u64, Relaxed);
                     }
                     Access::Write => {
-                        st.stats.device_writes += 1;
-                        st.stats.device_bytes_written += len as u64;
+                        d.writes.fetch_add(1, Relaxed);
+                        d.bytes_written.fetch_add(len as u64, Relaxed);
                     }
                 }
                 Ok(())
             }
             Err(kind) => {
-                st.stats.violations += 1;
-                drop(st);
+                d.violations.fetch_add(1, Relaxed);
                 let v = Violation {
                     adapter: self.id,
                     access,
@@ -550,23 +721,48 @@ impl AdapterInner {
         }
     }
 
+    /// Counters and occupancy: the allocation state, then each grant slot, then the common
+    /// buffers, one lock at a time (a snapshot of each, not of all at once).
     fn stats(&self) -> AdapterStats {
-        let st = lock(&self.state);
-        Self::stats_of(&st)
+        let mut s = {
+            let st = lock(&self.state.0);
+            let mut s = st.stats;
+            s.free_registers = st.regs.iter().filter(|r| **r == RegState::Free).count() as u32;
+            s.hostage_registers =
+                st.regs.iter().filter(|r| **r == RegState::Hostage).count() as u32;
+            s.queued = st.queue.len();
+            s
+        };
+        for slot in &self.slots {
+            let slot = lock(&slot.0);
+            let c = &slot.counters;
+            s.live_mappings += usize::from(slot.live.is_some());
+            s.maps += c.maps;
+            s.short_maps += c.short_maps;
+            s.bytes_mapped += c.bytes_mapped;
+            s.flushes += c.flushes;
+            s.flush_errors += c.flush_errors;
+            s.unflushed_frees += c.unflushed_frees;
+            s.bytes_bounced += c.bytes_bounced;
+        }
+        s.common_buffers = lock(&self.common.0).records.len();
+        let d = &self.device.0;
+        s.device_reads = d.reads.load(Relaxed);
+        s.device_writes = d.writes.load(Relaxed);
+        s.device_bytes_read = d.bytes_read.load(Relaxed);
+        s.device_bytes_written = d.bytes_written.load(Relaxed);
+        s.violations = d.violations.load(Relaxed);
+        s
     }
 
-    fn stats_of(st: &State) -> AdapterStats {
-        let mut s = st.stats;
-        s.free_registers = st.regs.iter().filter(|r| r.state == RegState::Free).count() as u32;
-        s.hostage_registers = st
-            .regs
-            .iter()
-            .filter(|r| r.state == RegState::Hostage)
-            .count() as u32;
-        s.queued = st.queue.len();
-        s.live_mappings = st.grants.iter().filter(|g| g.live.is_some()).count();
-        s.common_buffers = st.common.len();
-        s
+    /// The error armed by [`SimAdapter::fail_next_flush`], taken.
+    fn take_flush_failure(&self) -> Option<Error> {
+        if !self.fail_armed.load(Acquire) {
+            return None;
+        }
+        let mut f = lock(&self.fail_flush);
+        self.fail_armed.store(false, Relaxed);
+        f.take()
     }
 
     /// What is not back to idle, in words.
@@ -604,7 +800,7 @@ impl AdapterInner {
 impl AdapterInner {
     /// Room in the waiter queue.
     pub(crate) fn queue_capacity(&self) -> usize {
-        lock(&self.state).queue.capacity()
+        lock(&self.state.0).queue.capacity()
     }
 }
 
@@ -612,12 +808,13 @@ impl Drop for AdapterInner {
     fn drop(&mut self) {
         let mut issues = Vec::new();
         self.leftovers(&mut issues);
-        let st = self
-            .state
+        let stats = self.stats();
+        let common = self
+            .common
+            .0
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stats = Self::stats_of(st);
-        for c in st.common.drain(..) {
+        for c in common.records.drain(..) {
             let frames: Vec<PhysAddr> = (0..c.pages)
                 .map(|i| PhysAddr::new(c.phys + i * PAGE_SIZE))
                 .collect();
@@ -669,14 +866,14 @@ impl SimAdapter {
     /// or, when immediate, fail. Returns how many were taken. Cumulative; see
     /// [`SimAdapter::restore`].
     pub fn exhaust(&self, k: u32) -> u32 {
-        let mut st = lock(&self.inner.state);
+        let mut st = lock(&self.inner.state.0);
         let mut taken = 0;
         for r in st.regs.iter_mut().rev() {
             if taken == k {
                 break;
             }
-            if r.state == RegState::Free {
-                r.state = RegState::Hostage;
+            if *r == RegState::Free {
+                *r = RegState::Hostage;
                 taken += 1;
             }
         }
@@ -687,9 +884,9 @@ impl SimAdapter {
     /// run on this thread).
     pub fn restore(&self) {
         {
-            let mut st = lock(&self.inner.state);
-            for r in st.regs.iter_mut().filter(|r| r.state == RegState::Hostage) {
-                r.state = RegState::Free;
+            let mut st = lock(&self.inner.state.0);
+            for r in st.regs.iter_mut().filter(|r| **r == RegState::Hostage) {
+                *r = RegState::Free;
             }
         }
         self.inner.grant_waiters();
@@ -697,7 +894,9 @@ impl SimAdapter {
 
     /// Make the next `flush` return `error` (it still ends the mapping and copies back).
     pub fn fail_next_flush(&self, error: Error) {
-        lock(&self.inner.state).fail_flush = Some(error);
+        let a = &*self.inner;
+        *lock(&a.fail_flush) = Some(error);
+        a.fail_armed.store(true, Release);
     }
 
     /// Registers free now.
@@ -707,7 +906,7 @@ impl SimAdapter {
 
     /// Requests queued now.
     pub fn queued(&self) -> usize {
-        lock(&self.inner.state).queue.len()
+        lock(&self.inner.state.0).queue.len()
     }
 
     /// Mappings live now.
@@ -736,7 +935,7 @@ impl Adapter for SimAdapter {
     }
 
     fn register_waiter(&self) -> Result<()> {
-        let mut st = lock(&self.inner.state);
+        let mut st = lock(&self.inner.state.0);
         let want = st.registered + 1;
         let additional = want.saturating_sub(st.queue.len());
         st.queue
@@ -747,22 +946,22 @@ impl Adapter for SimAdapter {
     }
 
     fn unregister_waiter(&self) {
-        let mut st = lock(&self.inner.state);
+        let mut st = lock(&self.inner.state.0);
         st.registered = st.registered.saturating_sub(1);
     }
 
     fn allocate(&self, request: AllocationRequest, waiter: &WaiterRef) -> Result<Allocation> {
         let count = request.count.get();
-        let mut st = lock(&self.inner.state);
+        let mut st = lock(&self.inner.state.0);
         if count > self.inner.n {
             st.stats.refusals += 1;
             return Err(Error::InsufficientResources);
         }
         if request.immediate || st.queue.is_empty() {
             if let Some(first) = AdapterInner::find_run(&st, count) {
-                return Ok(Allocation::Granted(AdapterInner::grant(
-                    &mut st, first, count,
-                )));
+                let registers = AdapterInner::grant(&mut st, first, count);
+                drop(st);
+                return Ok(Allocation::Granted(self.inner.open(registers)));
             }
             if request.immediate {
                 st.stats.refusals += 1;
@@ -790,7 +989,7 @@ impl Adapter for SimAdapter {
     fn cancel_allocation(&self, waiter: &WaiterRef) -> bool {
         let id = waiter_ref_id(waiter);
         let removed = {
-            let mut st = lock(&self.inner.state);
+            let mut st = lock(&self.inner.state.0);
             let Some(pos) = st.queue.iter().position(|q| waiter_id(&q.waiter) == id) else {
                 return false;
             };
@@ -827,11 +1026,12 @@ impl Adapter for SimAdapter {
             dmatx_hal::locate(buffer, offset).ok_or(Error::InvalidParameter)?;
         let first = registers.first();
 
-        let mut st = lock(&a.state);
-        if !a.check_grant(&st, registers) {
+        // The grant's holder is the only caller for these registers: their slot's lock is
+        // contended only by the sanitizer.
+        let Some(mut slot) = a.grant_slot(registers) else {
             return Err(Error::InvalidParameter);
-        }
-        if st.grants[first as usize].live.is_some() {
+        };
+        if slot.live.is_some() {
             // The previous transfer on these registers was never flushed.
             return Err(Error::InvalidDeviceState);
         }
@@ -839,6 +1039,8 @@ impl Adapter for SimAdapter {
         let mut elements = 0usize;
         let mut used = 0u32;
         let mut failure = None;
+        let mut any_bounced = false;
+        let (mode, limit) = (a.config.mode, a.limit);
         // Walk the chain from the start segment; an SG list may span segments (each segment
         // starts a new element unless its first byte continues the previous bus run).
         let mut seg_index = seg_index;
@@ -873,18 +1075,13 @@ impl Adapter for SimAdapter {
             let reg = first + used;
             let reachable = buffer_page
                 .checked_add(in_page + chunk - 1)
-                .is_some_and(|last| last <= a.limit);
-            let (bus_page, data_page, bounced) = match a.config.mode {
-                AdapterMode::Direct if reachable => (buffer_page, buffer_page, false),
-                AdapterMode::Direct => {
+                .is_some_and(|last| last <= limit);
+            let bounced = match mode {
+                AdapterMode::Direct if !reachable => {
                     failure = Some(Error::InsufficientResources);
                     break;
                 }
-                AdapterMode::Iommu => {
-                    (a.iova_base + u64::from(reg) * PAGE_SIZE, buffer_page, false)
-                }
-                AdapterMode::Bounce if reachable => (buffer_page, buffer_page, false),
-                AdapterMode::Bounce => {
+                AdapterMode::Bounce if !reachable => {
                     if !a
                         .shared
                         .memory
@@ -893,10 +1090,11 @@ impl Adapter for SimAdapter {
                         failure = Some(Error::InvalidParameter);
                         break;
                     }
-                    let b = a.bounce[reg as usize].get();
-                    (b, b, true)
+                    true
                 }
+                _ => false,
             };
+            let (bus_page, _) = a.pages_of(reg as usize, buffer_page, bounced);
             let bus = bus_page + in_page;
             let merges = elements > 0 && {
                 let last = &out[elements - 1];
@@ -911,31 +1109,22 @@ impl Adapter for SimAdapter {
                 out[elements] = SgElement::new(BusAddr::new(bus), chunk as u32);
                 elements += 1;
             }
-            st.regs[reg as usize].map = Some(RegMap {
-                bus_page,
-                data_page,
-                buffer_page,
-                lo: in_page,
-                hi: in_page + chunk,
-                bounced,
-                direction,
-            });
+            a.regs[reg as usize].store(buffer_page, bounced, in_page, in_page + chunk, first);
+            any_bounced |= bounced;
             used += 1;
             mapped += chunk;
             seg_pos += chunk;
         }
         if let Some(e) = failure {
-            for r in &mut st.regs[first as usize..(first + used) as usize] {
-                r.map = None;
-            }
+            // Nothing went live: the fields written are not looked at.
             return Err(e);
         }
         // `mapped > 0`: the loop maps at least the first page (one register, one element).
         let mut bounced_bytes = 0;
-        if direction == Direction::WriteToDevice {
-            let bounced = st.regs[first as usize..(first + used) as usize]
-                .iter()
-                .filter_map(|r| r.map.filter(|m| m.bounced));
+        if direction == Direction::WriteToDevice && any_bounced {
+            let bounced = (first..first + used)
+                .map(|r| a.reg_map(r as usize))
+                .filter(|m| m.bounced);
             a.shared.memory.copy_batch(bounced.map(|m| {
                 bounced_bytes += m.hi - m.lo;
                 (
@@ -945,17 +1134,19 @@ impl Adapter for SimAdapter {
                 )
             }));
         }
-        st.grants[first as usize].live = Some(LiveMap {
+        slot.live = Some(LiveMap {
             used,
             offset,
             bytes: mapped,
             direction,
+            bounced: any_bounced,
         });
-        st.stats.maps += 1;
-        st.stats.bytes_mapped += mapped;
-        st.stats.bytes_bounced += bounced_bytes;
+        let c = &mut slot.counters;
+        c.maps += 1;
+        c.bytes_mapped += mapped;
+        c.bytes_bounced += bounced_bytes;
         if mapped < length {
-            st.stats.short_maps += 1;
+            c.short_maps += 1;
         }
         Ok(Mapping {
             bytes: mapped,
@@ -972,19 +1163,20 @@ impl Adapter for SimAdapter {
         direction: Direction,
     ) -> Result<()> {
         let a = &*self.inner;
-        let mut st = lock(&a.state);
-        if !a.check_grant(&st, registers) {
+        let Some(mut slot) = a.grant_slot(registers) else {
             return Err(Error::InvalidParameter);
-        }
+        };
         let first = registers.first();
-        let Some(live) = st.grants[first as usize].live else {
+        let Some(live) = slot.live else {
             return Err(Error::InvalidParameter);
         };
         let mut bounced_bytes = 0;
-        if live.direction == Direction::ReadFromDevice {
-            let bounced = st.regs[first as usize..(first + live.used) as usize]
-                .iter()
-                .filter_map(|r| r.map.filter(|m| m.bounced));
+        if live.direction == Direction::ReadFromDevice && live.bounced {
+            // With the slot locked no device access is under way on this mapping: every byte
+            // the device wrote is in the bounce pages.
+            let bounced = (first..first + live.used)
+                .map(|r| a.reg_map(r as usize))
+                .filter(|m| m.bounced);
             a.shared.memory.copy_batch(bounced.map(|m| {
                 bounced_bytes += m.hi - m.lo;
                 (
@@ -994,44 +1186,52 @@ impl Adapter for SimAdapter {
                 )
             }));
         }
-        AdapterInner::end_mapping(&mut st, first);
-        st.stats.flushes += 1;
-        st.stats.bytes_bounced += bounced_bytes;
+        slot.live = None;
         let result = if (live.offset, live.bytes, live.direction) != (offset, length, direction) {
             Err(Error::InvalidParameter)
-        } else if let Some(e) = st.fail_flush.take() {
+        } else if let Some(e) = a.take_flush_failure() {
             Err(e)
         } else {
             Ok(())
         };
+        let c = &mut slot.counters;
+        c.flushes += 1;
+        c.bytes_bounced += bounced_bytes;
         if result.is_err() {
-            st.stats.flush_errors += 1;
+            c.flush_errors += 1;
         }
         result
     }
 
     fn free(&self, registers: MapRegisters) {
         let a = &*self.inner;
-        {
-            let mut st = lock(&a.state);
-            if !a.check_grant(&st, &registers) {
-                drop(st);
+        let (first, count) = (registers.first() as usize, registers.count());
+        // Close the grant first (ending its mapping), then return its registers: once the slot
+        // says no grant starts here, nothing but this call touches the registers.
+        match a.grant_slot(&registers) {
+            Some(mut slot) => {
+                if slot.live.take().is_some() {
+                    slot.counters.unflushed_frees += 1;
+                }
+                slot.count = 0;
+            }
+            None => {
                 a.note(format!(
-                    "free of registers {}..+{} that were not granted",
-                    registers.first(),
-                    registers.count()
+                    "free of registers {first}..+{count} that were not granted"
                 ));
                 return;
             }
-            let first = registers.first();
-            if AdapterInner::end_mapping(&mut st, first).is_some() {
-                st.stats.unflushed_frees += 1;
+        }
+        {
+            let mut st = lock(&a.state.0);
+            for r in &mut st.regs[first..first + count as usize] {
+                *r = RegState::Free;
             }
-            for r in &mut st.regs[first as usize..(first + registers.count()) as usize] {
-                r.state = RegState::Free;
+            st.in_use -= count;
+            if st.queue.is_empty() {
+                // Nobody waits: no need to take the lock again to look.
+                return;
             }
-            st.grants[first as usize].count = 0;
-            st.in_use -= registers.count();
         }
         a.grant_waiters();
     }
@@ -1057,11 +1257,11 @@ impl Adapter for SimAdapter {
             FrameUse::Common,
         )?;
         let phys = frames[0].get();
-        let mut st = lock(&a.state);
+        let mut st = lock(&a.common.0);
         let bus = if a.config.mode == AdapterMode::Iommu {
             // First fit in the IOVA space above the register window.
             let mut candidate = a.iova_base + u64::from(a.n) * PAGE_SIZE;
-            for c in &st.common {
+            for c in &st.records {
                 if candidate.checked_add(size).is_some_and(|e| e <= c.bus) {
                     break;
                 }
@@ -1089,8 +1289,8 @@ impl Adapter for SimAdapter {
             pages,
             length,
         };
-        let at = st.common.partition_point(|c| c.bus < bus);
-        st.common.insert(at, record);
+        let at = st.records.partition_point(|c| c.bus < bus);
+        st.records.insert(at, record);
         Ok(CommonAllocation {
             virt: VirtAddr::new(virt),
             logical: BusAddr::new(bus),
@@ -1102,12 +1302,12 @@ impl Adapter for SimAdapter {
     fn free_common_buffer(&self, allocation: CommonAllocation) {
         let a = &*self.inner;
         let record = {
-            let mut st = lock(&a.state);
+            let mut st = lock(&a.common.0);
             let pos = st
-                .common
+                .records
                 .iter()
                 .position(|c| c.token == allocation.token && c.bus == allocation.logical.get());
-            pos.map(|p| st.common.remove(p))
+            pos.map(|p| st.records.remove(p))
         };
         match record {
             Some(c) => {
@@ -1155,9 +1355,9 @@ impl Adapter for SimAdapter {
 impl SimAdapter {
     /// Physical address of byte `offset` of a live common buffer, checking `len` bytes fit.
     fn common_phys(&self, allocation: &CommonAllocation, offset: u64, len: usize) -> Result<u64> {
-        let st = lock(&self.inner.state);
+        let st = lock(&self.inner.common.0);
         let c = st
-            .common
+            .records
             .iter()
             .find(|c| c.token == allocation.token)
             .ok_or(Error::InvalidParameter)?;

@@ -596,6 +596,82 @@ fn sanitizer_blocks_outside_live_mappings() {
 }
 
 #[test]
+fn threads_map_and_check_on_one_adapter() {
+    // Two threads run transfers on one adapter at once: each sees its own data through the
+    // sanitizer, every access outside its live mapping is blocked, and the counters add up.
+    let rounds = if cfg!(miri) { 3 } else { 40 };
+    for mode in [AdapterMode::Direct, AdapterMode::Iommu, AdapterMode::Bounce] {
+        let sim = two_region_sim(mode);
+        let a = sim.adapter(&SimPlatform::description(32)).unwrap();
+        let blocked = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..2u8 {
+                let (sim, a, blocked) = (&sim, &a, &blocked);
+                s.spawn(move || {
+                    let placement = if mode == AdapterMode::Bounce {
+                        Placement::Above(PhysAddr::new(HIGH))
+                    } else {
+                        Placement::Below(PhysAddr::new(HIGH))
+                    };
+                    let len = 3 * 4096 - 0x100;
+                    let mut b = sim.allocate_buffer_with(len, 0x80, placement).unwrap();
+                    let view = a.device_view();
+                    let mut sg = [SgElement::default(); 4];
+                    for round in 0..rounds {
+                        let out = pattern(len as usize, t ^ round);
+                        b.write(0, &out).unwrap();
+                        let regs = grant(a, 4);
+                        let to = Direction::WriteToDevice;
+                        let m = a.map(&regs, &b, 0, len, to, &mut sg).unwrap();
+                        assert_eq!(m.bytes, len);
+                        let mut at = 0;
+                        for e in &sg[..m.elements] {
+                            let mut seen = vec![0u8; e.length as usize];
+                            view.dma_read(e.address, &mut seen).unwrap();
+                            assert_eq!(seen[..], out[at..at + seen.len()]);
+                            assert!(view.dma_write(e.address, &seen[..1]).is_err());
+                            at += seen.len();
+                        }
+                        // One blocked write per element, one blocked read after the flush.
+                        let expected = m.elements as u64 + 1;
+                        blocked.fetch_add(expected, std::sync::atomic::Ordering::Relaxed);
+                        a.flush(&regs, &b, 0, len, to).unwrap();
+                        let mut byte = [0u8];
+                        assert!(view.dma_read(sg[0].address, &mut byte).is_err());
+
+                        let back = pattern(len as usize, !(t ^ round));
+                        let from = Direction::ReadFromDevice;
+                        let m = a.map(&regs, &b, 0, len, from, &mut sg).unwrap();
+                        let mut at = 0;
+                        for e in &sg[..m.elements] {
+                            let n = e.length as usize;
+                            view.dma_write(e.address, &back[at..at + n]).unwrap();
+                            at += n;
+                        }
+                        a.flush(&regs, &b, 0, len, from).unwrap();
+                        a.free(regs);
+                        assert_eq!(b.to_vec(), back);
+                    }
+                });
+            }
+        });
+        let stats = a.stats();
+        let transfers = 2 * 2 * u64::from(rounds);
+        assert_eq!(
+            (stats.maps, stats.flushes),
+            (transfers, transfers),
+            "{mode:?}"
+        );
+        assert_eq!(stats.grants, transfers / 2);
+        assert_eq!(stats.live_mappings, 0);
+        assert_eq!(stats.violations, sim.sanitizer_record().len() as u64);
+        assert_eq!(stats.violations, blocked.into_inner(), "{mode:?}");
+        sim.clear_sanitizer();
+        sim.check_clean().unwrap();
+    }
+}
+
+#[test]
 fn common_buffers_in_each_mode() {
     for mode in [AdapterMode::Direct, AdapterMode::Iommu, AdapterMode::Bounce] {
         let sim = SimConfig::new().mode(mode).build().unwrap();

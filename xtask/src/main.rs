@@ -247,6 +247,35 @@ struct Run {
     failed: bool,
     /// When the tier started.
     start: Instant,
+    /// Tests the steps' test harnesses reported.
+    tests: TestCounts,
+}
+
+/// Tests counted from the harness's `test result: … N passed; M failed; K ignored; …` lines.
+#[derive(Default)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestCounts {
+    /// Adds the counts of one `test result:` line (the text after that prefix).
+    fn add(&mut self, counts: &str) {
+        for part in counts.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Run {
@@ -257,6 +286,7 @@ impl Run {
             results: Vec::new(),
             failed: false,
             start: Instant::now(),
+            tests: TestCounts::default(),
         }
     }
 
@@ -277,7 +307,7 @@ impl Run {
         println!("{}", "=".repeat(78));
 
         let started = Instant::now();
-        let outcome = match cmd.status() {
+        let outcome = match self.run_counting(&mut cmd) {
             Ok(status) if status.success() => Outcome::Passed,
             Ok(status) => Outcome::Failed(format!("{status}")),
             Err(err) => Outcome::Failed(format!("could not start: {err}")),
@@ -300,6 +330,24 @@ impl Run {
             outcome,
             time,
         });
+    }
+
+    /// Runs `cmd`, passing its standard output through while adding up the tests that each
+    /// `test result:` line of the Rust test harness reports.
+    fn run_counting(&mut self, cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+        if let Some(out) = child.stdout.take() {
+            let mut stdout = std::io::stdout().lock();
+            for line in BufReader::new(out).lines() {
+                let line = line?;
+                writeln!(stdout, "{line}")?;
+                if let Some(counts) = line.trim_start().strip_prefix("test result: ") {
+                    self.tests.add(counts);
+                }
+            }
+        }
+        child.wait()
     }
 
     /// Records step `name` as skipped, printing the reason loudly.
@@ -353,9 +401,21 @@ impl Run {
         }
 
         // The closing line CI parses: exactly `N passed, M failed` (+ `, K skipped`), alone.
-        let mut closing = format!("{passed} passed, {failed} failed");
-        if skipped > 0 {
-            closing.push_str(&format!(", {skipped} skipped"));
+        // It counts tests when the steps ran any (a failed step counts as a failure), and
+        // steps otherwise.
+        let t = &self.tests;
+        println!(
+            "steps: {passed} passed, {failed} failed, {skipped} skipped; tests: {} passed, {} failed, {} ignored",
+            t.passed, t.failed, t.ignored
+        );
+        let (p, f, k) = if t.passed + t.failed > 0 {
+            (t.passed, t.failed + failed, t.ignored + skipped)
+        } else {
+            (passed, failed, skipped)
+        };
+        let mut closing = format!("{p} passed, {f} failed");
+        if k > 0 {
+            closing.push_str(&format!(", {k} skipped"));
         }
         println!("{closing}");
 
@@ -620,4 +680,19 @@ fn show_command(cmd: &Command) -> String {
 /// A duration as seconds with one decimal, e.g. `12.3s`.
 fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestCounts;
+
+    #[test]
+    fn counts_harness_result_lines() {
+        let mut t = TestCounts::default();
+        t.add("ok. 6 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add("FAILED. 5 passed; 1 failed; 0 ignored; 0 measured; 3 filtered out; finished in 1s");
+        assert_eq!((t.passed, t.failed, t.ignored), (11, 1, 2));
+        t.add("garbage");
+        assert_eq!((t.passed, t.failed, t.ignored), (11, 1, 2));
+    }
 }

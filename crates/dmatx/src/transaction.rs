@@ -444,11 +444,7 @@ where
     /// [`Error::WdfTooFragmented`] if the first SG transfer is too fragmented. After an error
     /// other than misuse the transaction is TransferFailed and must be released (54).
     pub fn execute(&self, context: C) -> Result<()> {
-        let result = self.execute_inner(context);
-        if let Err(e) = &result {
-            self.verify(e);
-        }
-        result
+        self.verified(self.execute_inner(context))
     }
 
     fn execute_inner(&self, context: C) -> Result<()> {
@@ -659,11 +655,7 @@ where
     }
 
     fn complete(&self, done: Done) -> Result<Completion> {
-        let result = self.complete_inner(done);
-        if let Err(e) = &result {
-            self.verify(e);
-        }
-        result
+        self.verified(self.complete_inner(done))
     }
 
     fn complete_inner(&self, done: Done) -> Result<Completion> {
@@ -798,11 +790,7 @@ where
     /// # Errors
     /// [`Error::Misuse`] while executing (75): the device may still be using the buffer.
     pub fn release(&self) -> Result<Option<B>> {
-        let result = self.release_inner();
-        if let Err(e) = &result {
-            self.verify(e);
-        }
-        result
+        self.verified(self.release_inner())
     }
 
     fn release_inner(&self) -> Result<Option<B>> {
@@ -841,11 +829,7 @@ where
     /// # Errors
     /// [`Error::Misuse`] in Created or Released on a v3 enabler (84).
     pub fn cancel(&self) -> Result<bool> {
-        let result = self.cancel_inner();
-        if let Err(e) = &result {
-            self.verify(e);
-        }
-        result
+        self.verified(self.cancel_inner())
     }
 
     fn cancel_inner(&self) -> Result<bool> {
@@ -1008,10 +992,7 @@ where
                 (state, _) => Err(self.misuse(Call::GetTransferInfo, state, INFO_STATE)),
             }
         };
-        if let Err(e) = &result {
-            self.verify(e);
-        }
-        result
+        self.verified(result)
     }
 
     /// The enabler this transaction belongs to.
@@ -1030,6 +1011,14 @@ where
             state,
             reason,
         })
+    }
+
+    /// `result`, after [`Transaction::verify`] has seen its error.
+    fn verified<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.verify(e);
+        }
+        result
     }
 
     /// Verifier mode: a misuse panics with its diagnostic (after every lock is dropped).

@@ -562,14 +562,19 @@ where
                 }
                 None => &mut one,
             };
-            let mapped = self.map_next(&g, out);
-            let elements = match mapped {
-                Ok(m) => {
+            // A ready transfer always has its callback and context; take them before mapping
+            // so that nothing can fail between the mapping and the call.
+            let staged = match g.program_dma.zip(g.context.clone()) {
+                Some(callback) => self.map_next(&g, out).map(|m| (m, callback)),
+                None => Err(Error::InvalidDeviceState),
+            };
+            let (elements, (program_dma, context)) = match staged {
+                Ok((m, callback)) => {
                     // The platform may map fewer bytes than asked; the rest stays to do. (A
                     // backend reporting more than asked or than fits is clamped, not trusted.)
                     g.current = m.bytes.min(g.next);
                     g.programmed = true;
-                    m.elements.min(out.len())
+                    (m.elements.min(out.len()), callback)
                 }
                 Err(e) => {
                     drop(area);
@@ -581,11 +586,6 @@ where
                 }
             };
             let direction = g.direction;
-            let (Some(program_dma), Some(context)) = (g.program_dma, g.context.clone()) else {
-                // Unreachable: a ready transfer always has both; stop staging rather than panic.
-                g.staging = false;
-                return Some(Error::InvalidDeviceState);
-            };
             drop(g);
             program_dma(self, &context, direction, &out[..elements]);
             drop(area);

@@ -23,6 +23,8 @@
 //!   and never while the adapter holds a lock of its own: the waiter runs the driver's
 //!   program-DMA callback, which may call back into the adapter.
 //! * Queued requests are granted in the order they were queued, as registers return.
+//! * `map`, `flush`, `allocate` and `cancel_allocation` never call a waiter (the core may call
+//!   them holding its transaction's lock); only `free` and `dispatch_queued` do.
 //! * A mapping made by [`Adapter::map`] stays live (the device may use it) until the matching
 //!   [`Adapter::flush`]; a backend with a DMA sanitizer blocks device accesses outside live
 //!   mappings and common buffers.

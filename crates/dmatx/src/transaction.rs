@@ -47,7 +47,8 @@ pub enum Completion {
     /// are in [`Transaction::bytes_transferred`]; release it to get the buffer back.
     Finished(Result<()>),
     /// KMDF's `FALSE` with `STATUS_MORE_PROCESSING_REQUIRED`: the next transfer has been
-    /// programmed or queued. Do not touch the transaction: program-DMA may already have run.
+    /// programmed, queued for map registers, or left to the thread already inside program-DMA.
+    /// Do not touch the transaction: program-DMA may already have run.
     MoreProcessingRequired,
 }
 
@@ -127,6 +128,35 @@ enum Prepared {
     Queued,
 }
 
+/// Cleans up after a program-DMA callback that unwinds instead of returning: clears the stager
+/// record (so the next completion can stage) and turns a transfer prepared meanwhile, which no
+/// one will stage now, into a failure the driver can release. Disarmed on a normal return.
+struct StagerGuard<'a, P: Platform, C, B> {
+    transaction: &'a Transaction<P, C, B>,
+    armed: bool,
+}
+
+impl<P: Platform, C, B> StagerGuard<'_, P, C, B> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<P: Platform, C, B> Drop for StagerGuard<'_, P, C, B> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut g = self.transaction.inner.lock();
+        g.staging = false;
+        if g.ready {
+            // Its registers stay in the transaction; release returns them.
+            g.ready = false;
+            g.state = State::TransferFailed;
+        }
+    }
+}
+
 /// State guarded by the transaction's lock.
 struct Inner<P: Platform, C, B> {
     state: State,
@@ -180,7 +210,9 @@ struct Leftovers<C> {
 ///
 /// `P` is the platform, `C` the execute context handed to every program-DMA call (cloned for
 /// each call, so make it cheap to clone: an `Arc`, a reference or a small value), and `B` the
-/// buffer type, which the transaction owns from initialize until it is released.
+/// buffer type, which the transaction owns from initialize until it is released. `C`'s
+/// `Clone` runs while dmatx holds the transaction's lock, so it must not call into the
+/// transaction (an `Arc` clone never does).
 ///
 /// # Example
 /// ```
@@ -312,6 +344,12 @@ where
         va: VirtAddr,
         length: u64,
     ) -> Result<(), BufferError<B>> {
+        if buffer.segment_count() == 0 {
+            return Err(BufferError {
+                error: Error::InvalidParameter,
+                buffer,
+            });
+        }
         let first = buffer.segment(0);
         let offset = match va.offset_from(first.va) {
             Some(o) if o < first.length => o,
@@ -433,9 +471,11 @@ where
     // Execute (spec §2.2, §3.3)
 
     /// Start the transaction (`WdfDmaTransactionExecute`): `context` is handed to every
-    /// program-DMA call of this run. On success the first transfer has been programmed or its
-    /// map registers are queued; program-DMA may already have run, and the transaction may even
-    /// have finished, before this returns.
+    /// program-DMA call of this run. On success the first transfer has been programmed, its
+    /// map registers are queued, or (when execute is called from inside program-DMA) it is
+    /// ready for the thread already staging, which programs it when its callback returns;
+    /// program-DMA may already have run, and the transaction may even have finished, before
+    /// this returns.
     ///
     /// # Errors
     /// [`Error::Misuse`] unless Initialized (statements 38, 39); [`Error::WdfBusy`] if another v2
@@ -505,7 +545,9 @@ where
         } else {
             split::fit_to_registers(buffer, position, want, u64::from(record.map_registers))
         };
-        if pages > u64::from(self.enabler.max_sg_elements()) {
+        // A single-transfer transaction had its elements checked at Initialize (as physical
+        // runs); pages would be a stricter, different measure.
+        if !g.single_transfer && pages > u64::from(self.enabler.max_sg_elements()) {
             return Err(Error::WdfTooFragmented);
         }
         g.next = bytes;
@@ -563,31 +605,44 @@ where
                 None => &mut one,
             };
             // A ready transfer always has its callback and context; take them before mapping
-            // so that nothing can fail between the mapping and the call.
-            let staged = match g.program_dma.zip(g.context.clone()) {
-                Some(callback) => self.map_next(&g, out).map(|m| (m, callback)),
+            // so that nothing can fail between the mapping and the call. (`C::clone` runs
+            // under the lock; its drop on the error path does not.)
+            let callback = g.program_dma.zip(g.context.clone());
+            let mapped = match callback {
+                Some(_) => self.map_next(&g, out),
                 None => Err(Error::InvalidDeviceState),
             };
-            let (elements, (program_dma, context)) = match staged {
-                Ok((m, callback)) => {
+            let (elements, (program_dma, context)) = match (mapped, callback) {
+                // A backend that maps nothing would make the transaction spin: not trusted.
+                (Ok(m), Some(callback)) if m.bytes > 0 => {
                     // The platform may map fewer bytes than asked; the rest stays to do. (A
                     // backend reporting more than asked or than fits is clamped, not trusted.)
                     g.current = m.bytes.min(g.next);
                     g.programmed = true;
                     (m.elements.min(out.len()), callback)
                 }
-                Err(e) => {
+                (result, callback) => {
+                    let e = result.err().unwrap_or(Error::InvalidDeviceState);
                     drop(area);
                     let leftovers = self.finish(&mut g, State::TransferFailed);
                     g.staging = false;
                     drop(g);
                     self.dispose(leftovers);
+                    drop(callback);
                     return Some(e);
                 }
             };
             let direction = g.direction;
             drop(g);
+            // If program-DMA panics (a driver bug, or a verifier panic inside it), the guard
+            // leaves the transaction unstuck: no stager recorded, a deferred transfer turned
+            // into a failure the driver can release.
+            let unwinding = StagerGuard {
+                transaction: self,
+                armed: true,
+            };
             program_dma(self, &context, direction, &out[..elements]);
+            unwinding.disarm();
             drop(area);
             drop(context);
             g = self.inner.lock();
@@ -1034,7 +1089,7 @@ const INIT_STATE: &str =
 const EXECUTE_STATE: &str = "execute needs an Initialized transaction";
 const COMPLETE_STATE: &str = "the transaction is not executing";
 const COMPLETE_UNPROGRAMMED: &str =
-    "no transfer is programmed: completion before program-DMA, or twice for one transfer";
+    "no transfer is mapped: completion before the transfer was staged, or twice for one transfer";
 const RELEASE_STATE: &str = "the device may still be using the buffer; complete the transfer first";
 const CANCEL_STATE: &str = "cancel needs an initialized or executing transaction";
 const INFO_STATE: &str = "transfer info needs an Initialized transaction";
@@ -1069,29 +1124,30 @@ where
 
 impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
     fn drop(&mut self) {
-        let inner = self.inner.lock();
-        let in_flight = inner.state == State::Transfer && (inner.programmed || inner.ready);
-        drop(inner);
         let mut g = self.inner.lock();
+        let in_flight = g.state == State::Transfer && (g.programmed || g.ready);
+        let direction = g.direction;
+        let registers = g.registers.take();
+        let packet_slot = core::mem::take(&mut g.holds_packet_slot);
         if in_flight {
             // Deleted while the device may be using the buffer (KMDF: fatal with the verifier).
-            // Keep the buffer and the registers forever rather than let the device write into
-            // memory that is freed or reused; the leak shows in the platform's pool.
+            // Keep the buffer, the registers and (v2) the device's packet slot forever rather
+            // than let the device write into memory that is freed or reused, or let another
+            // packet transaction program a device that may still be busy; the leak shows in
+            // the platform's pool (docs/quirks.md).
             core::mem::forget(g.buffer.take());
+            drop(g);
             // Not returned to the pool: the device may still use the mapping.
-            let _never_freed = g.registers.take();
+            let _never_freed = registers;
         } else {
-            let direction = g.direction;
-            if let (Some(registers), Some(record)) =
-                (g.registers.take(), self.enabler.record(direction))
-            {
+            drop(g);
+            if let (Some(registers), Some(record)) = (registers, self.enabler.record(direction)) {
                 record.adapter.free(registers);
             }
-            if g.holds_packet_slot {
+            if packet_slot {
                 self.enabler.device.give_back_packet_slot();
             }
         }
-        drop(g);
         for record in self.enabler.records.iter().flatten() {
             record.adapter.unregister_waiter();
         }

@@ -423,3 +423,22 @@ fn stmt_037_release_restores_single_transfer_default() {
     assert!(t.single_transfer_requirement(), "restored by release");
     assert_clean(&sim);
 }
+
+#[test]
+fn single_transfer_checked_at_initialize_executes() {
+    // Initialize checks a single transfer's elements as physical runs; execute must not apply
+    // a different (page) measure and refuse what Initialize accepted.
+    let sim = sim(8);
+    let e = enabler(&sim, Profile::ScatterGather64, 1 << 16, DmaVersion::V3);
+    e.set_max_sg_elements(1).unwrap();
+    let t = Tx::create(&e).unwrap();
+    t.set_single_transfer_requirement(true).unwrap();
+    t.initialize_using_offset(record, W, contiguous(&sim, 8192, 0), 0, 8192)
+        .unwrap();
+    let log = Log::new();
+    t.execute(log.clone()).unwrap();
+    assert_eq!(log.calls()[0].sg.len(), 1);
+    assert_eq!(run_to_end(&t), (1, Ok(())));
+    t.release().unwrap();
+    assert_clean(&sim);
+}

@@ -163,3 +163,23 @@ fn forgetting_an_executing_transaction_never_lets_the_device_write_into_reused_m
     drop(others);
     assert!(sim.check_memory_returned().is_err());
 }
+
+#[test]
+fn deleting_a_v2_packet_transaction_mid_transfer_keeps_the_device_busy() {
+    // The device may still be running the deleted transaction's transfer, so no other v2
+    // packet transaction may program it: the slot stays taken (docs/quirks.md).
+    let sim = sim(8);
+    let e = enabler(&sim, Profile::Packet64, 4096, DmaVersion::V2);
+    let t = Tx::create(&e).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
+    t.execute(Log::new()).unwrap();
+    drop(t);
+    assert!(e.packet_slot_taken());
+    let other = Tx::create(&e).unwrap();
+    other
+        .initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100)
+        .unwrap();
+    assert_eq!(other.execute(Log::new()), Err(dmatx::Error::WdfBusy));
+    other.release().unwrap();
+}

@@ -152,3 +152,21 @@ fn alignment_that_is_not_a_mask_is_invalid() {
     assert_eq!(r.err(), Some(Error::InvalidParameter));
     assert_clean(&sim);
 }
+
+#[test]
+fn packet_enablers_get_the_platform_alignment_by_default() {
+    // KMDF computes the default alignment only for SG profiles (docs/quirks.md, entry 8).
+    let sim = dmatx_sim::SimConfig::new()
+        .adapter(dmatx_sim::AdapterConfig::default().alignment_requirement(0x3fff))
+        .build()
+        .unwrap();
+    for profile in [Profile::Packet, Profile::ScatterGather64] {
+        let e = enabler(&sim, profile);
+        let cb = CommonBuffer::create(&e, 100).unwrap();
+        assert!(
+            cb.aligned_logical_address().is_aligned(0xfff),
+            "{profile:?}"
+        );
+    }
+    assert_clean(&sim);
+}

@@ -373,3 +373,24 @@ fn stmt_072_delete_from_inside_program_dma_after_finish() {
         assert_clean(&sim);
     }
 }
+
+#[test]
+fn completion_while_the_start_is_queued_is_misuse() {
+    // In Transfer but nothing mapped yet: the registers are still queued.
+    let sim = sim(4);
+    let e = enabler(&sim, Profile::ScatterGather64, 1 << 20, DmaVersion::V3);
+    let adapter = e.adapter(W).unwrap().clone();
+    let t = Tx::create(&e).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
+    adapter.exhaust(4);
+    let log = Log::new();
+    t.execute(log.clone()).unwrap();
+    let m = *t.dma_completed().unwrap_err().misuse().unwrap();
+    assert_eq!((m.call, m.state), (Call::DmaCompleted, State::Transfer));
+    adapter.restore();
+    assert_eq!(log.count(), 1, "the queued start still runs");
+    assert_eq!(t.dma_completed(), Ok(Completion::Finished(Ok(()))));
+    t.release().unwrap();
+    assert_clean(&sim);
+}

@@ -442,3 +442,58 @@ fn single_transfer_checked_at_initialize_executes() {
     t.release().unwrap();
     assert_clean(&sim);
 }
+
+#[test]
+fn packet_length_past_end_of_buffer_is_buffer_too_small() {
+    let sim = sim(8);
+    let t = Tx::create(&enabler(&sim, Profile::Packet64, 8192, DmaVersion::V3)).unwrap();
+    let e = t
+        .initialize_using_offset(record, W, buffer(&sim, 4096, 0), 100, 4000)
+        .unwrap_err();
+    assert_eq!(e.error, Error::BufferTooSmall);
+    assert_eq!(t.state(), State::Created);
+    drop(e);
+    assert_clean(&sim);
+}
+
+#[test]
+fn transfer_info_counts_pages_and_needs_initialized() {
+    let sim = sim(8);
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        8192,
+        DmaVersion::V3,
+    ))
+    .unwrap();
+    assert!(t.transfer_info().unwrap_err().misuse().is_some());
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0x100), 0, 8192)
+        .unwrap();
+    let info = t.transfer_info().unwrap();
+    assert_eq!((info.map_registers, info.sg_elements), (3, 3));
+    t.release().unwrap();
+    assert_clean(&sim);
+}
+
+#[test]
+fn immediate_execution_refused_while_executing_on_v3() {
+    let sim = sim(8);
+    let t = Tx::create(&enabler(
+        &sim,
+        Profile::ScatterGather64,
+        4096,
+        DmaVersion::V3,
+    ))
+    .unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 8192, 0), 0, 8192)
+        .unwrap();
+    t.execute(Log::new()).unwrap();
+    assert_eq!(
+        t.set_immediate_execution(true),
+        Err(Error::InvalidDeviceRequest)
+    );
+    assert!(!t.immediate_execution());
+    run_to_end(&t).1.unwrap();
+    t.release().unwrap();
+    assert_clean(&sim);
+}

@@ -390,7 +390,7 @@ impl<P: Platform> Enabler<P> {
         Ok(())
     }
 
-    /// The device this enabler belongs to.
+    /// Whether this enabler belongs to `device` (KMDF's `WdfDmaEnablerGetDevice`, as a check).
     pub fn is_on(&self, device: &DmaDevice<P>) -> bool {
         Arc::ptr_eq(&self.shared.device, device.shared())
     }

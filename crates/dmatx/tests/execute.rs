@@ -220,6 +220,8 @@ fn stmt_047_048_v2_packet_slot_is_device_wide() {
         .unwrap();
     b.initialize_using_offset(record, W, buffer(&sim, 100, 0), 0, 100)
         .unwrap();
+    assert!(e1.is_on(&device) && e2.is_on(&device));
+    assert!(!e1.is_on(&DmaDevice::new(sim.clone())));
     a.execute(Log::new()).unwrap();
     assert!(e2.packet_slot_taken());
     assert_eq!(b.execute(Log::new()), Err(Error::WdfBusy));

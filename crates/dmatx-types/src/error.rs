@@ -48,6 +48,9 @@ pub enum Error {
     WdfParentAssignmentNotAllowed,
     /// A call KMDF treats as fatal (a bug check). See [`Misuse`].
     Misuse(Misuse),
+    /// A call the driver framework (WDF) treats as fatal on one of the runtime's objects — a
+    /// request, queue, timer or interrupt. See [`ObjectMisuse`].
+    ObjectMisuse(ObjectMisuse),
 }
 
 impl Error {
@@ -57,7 +60,7 @@ impl Error {
         match self {
             Error::InvalidParameter => 0xC000_000D,
             Error::InvalidDeviceRequest => 0xC000_0010,
-            Error::InvalidDeviceState | Error::Misuse(_) => 0xC000_0184,
+            Error::InvalidDeviceState | Error::Misuse(_) | Error::ObjectMisuse(_) => 0xC000_0184,
             Error::InsufficientResources => 0xC000_009A,
             Error::InfoLengthMismatch => 0xC000_0004,
             Error::Unsuccessful => 0xC000_0001,
@@ -74,12 +77,18 @@ impl Error {
         }
     }
 
-    /// The misuse diagnostic, if this is a contract violation.
+    /// The misuse diagnostic, if this is a contract violation on a DMA transaction.
     pub const fn misuse(&self) -> Option<&Misuse> {
         match self {
             Error::Misuse(m) => Some(m),
             _ => None,
         }
+    }
+
+    /// Whether this is a contract violation of any kind ([`Error::Misuse`] or
+    /// [`Error::ObjectMisuse`]).
+    pub const fn is_misuse(&self) -> bool {
+        matches!(self, Error::Misuse(_) | Error::ObjectMisuse(_))
     }
 }
 
@@ -103,6 +112,7 @@ impl core::fmt::Display for Error {
             Error::WdfNotEnoughMapRegisters => "STATUS_WDF_NOT_ENOUGH_MAP_REGISTERS",
             Error::WdfParentAssignmentNotAllowed => "STATUS_WDF_PARENT_ASSIGNMENT_NOT_ALLOWED",
             Error::Misuse(m) => return write!(f, "{m}"),
+            Error::ObjectMisuse(m) => return write!(f, "{m}"),
         };
         f.write_str(name)
     }
@@ -171,6 +181,32 @@ impl core::fmt::Display for Misuse {
     }
 }
 
+/// A contract violation on a driver-runtime object: the object, the call, the object's state,
+/// and what was wrong. WDF bug-checks on these (completing a request twice, completing a request
+/// whose DMA transaction is still executing); dmatx returns [`Error::ObjectMisuse`] and leaves the
+/// object as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectMisuse {
+    /// The kind of object, e.g. `"request"`, `"timer"`.
+    pub object: &'static str,
+    /// The call, in WDF's words, e.g. `"WdfRequestComplete"`.
+    pub call: &'static str,
+    /// The object's state when the call was made, in a word or two.
+    pub state: &'static str,
+    /// What was wrong, in a sentence.
+    pub reason: &'static str,
+}
+
+impl core::fmt::Display for ObjectMisuse {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "dmatx misuse: {} on a {} ({}): {}",
+            self.call, self.object, self.state, self.reason
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +234,25 @@ mod tests {
             "{text}"
         );
         assert_eq!(Error::WdfBusy.to_string(), "STATUS_WDF_BUSY");
+    }
+
+    #[test]
+    fn object_misuse_names_object_call_and_state() {
+        extern crate std;
+        use std::string::ToString;
+        let e = Error::ObjectMisuse(ObjectMisuse {
+            object: "request",
+            call: "WdfRequestComplete",
+            state: "completed",
+            reason: "a request completes once",
+        });
+        let text = e.to_string();
+        assert!(
+            text.contains("WdfRequestComplete") && text.contains("request") && text.contains("completed"),
+            "{text}"
+        );
+        assert!(e.is_misuse());
+        assert!(e.misuse().is_none());
+        assert_eq!(e.nt_status(), 0xC000_0184);
     }
 }

@@ -27,7 +27,7 @@ mod error;
 mod profile;
 
 pub use address::{BusAddr, PAGE_SIZE, PhysAddr, VirtAddr, pages_spanned};
-pub use error::{Call, Error, Misuse, Result};
+pub use error::{Call, Error, Misuse, ObjectMisuse, Result};
 pub use profile::{Direction, DmaVersion, Profile, TransactionKind};
 
 /// One element of a scatter/gather list: a run of device-visible (bus/logical) addresses.

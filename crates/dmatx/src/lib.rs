@@ -68,6 +68,7 @@
 
 extern crate alloc;
 
+mod binding;
 mod common_buffer;
 mod device;
 mod enabler;
@@ -75,6 +76,7 @@ mod split;
 mod sync;
 mod transaction;
 
+pub use binding::RequestBinding;
 pub use common_buffer::{CommonBuffer, CommonBufferConfig, RawCommonBufferConfig};
 pub use device::DmaDevice;
 pub use enabler::{Enabler, EnablerConfig, RawEnablerConfig, UNLIMITED_FRAGMENTS};
@@ -82,6 +84,6 @@ pub use transaction::{BufferError, Completion, ProgramDma, Transaction, Transfer
 
 pub use dmatx_hal as hal;
 pub use dmatx_types::{
-    BusAddr, Call, Direction, DmaVersion, Error, Misuse, PAGE_SIZE, PhysAddr, Profile, Result,
+    BusAddr, Call, Direction, DmaVersion, Error, Misuse, ObjectMisuse, PAGE_SIZE, PhysAddr, Profile, Result,
     SgElement, State, TransactionKind, VirtAddr,
 };

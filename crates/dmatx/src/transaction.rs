@@ -13,6 +13,7 @@
 //! maps and programs it after the callback returns. So program-DMA never nests, for every kind
 //! (KMDF nests for scatter/gather; `docs/quirks.md`).
 
+use crate::binding::RequestBinding;
 use crate::enabler::{Enabler, EnablerShared};
 use crate::split;
 use crate::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -190,6 +191,10 @@ struct Inner<P: Platform, C, B> {
     staging: bool,
     /// This transaction holds its device's v2 packet slot.
     holds_packet_slot: bool,
+    /// The request bound by `initialize_with_request`, until release.
+    request: Option<Arc<dyn RequestBinding>>,
+    /// The request was told the transaction holds it (execute → finish).
+    request_held: bool,
 }
 
 /// Resources taken out of a transaction under its lock, to be returned after the lock is
@@ -200,6 +205,7 @@ struct Leftovers<C> {
     registers: Option<MapRegisters>,
     context: Option<C>,
     packet_slot: bool,
+    request: Option<Arc<dyn RequestBinding>>,
 }
 
 /// A DMA transaction (KMDF's WDFDMATRANSACTION).
@@ -322,6 +328,8 @@ where
                 programmed: false,
                 staging: false,
                 holds_packet_slot: false,
+                request: None,
+                request_held: false,
             }),
             staging_area: Mutex::new(area),
         }))
@@ -385,7 +393,35 @@ where
         offset: u64,
         length: u64,
     ) -> Result<(), BufferError<B>> {
-        let result = self.initialize_inner(program_dma, direction, buffer, offset, length);
+        let result = self.initialize_inner(program_dma, direction, buffer, offset, length, None);
+        if let Err(e) = &result {
+            self.verify(&e.error);
+        }
+        result
+    }
+
+    /// Initialize as [`Transaction::initialize_using_offset`] and bind `request` to the
+    /// transaction (the core of `WdfDmaTransactionInitializeUsingRequest`; a driver runtime
+    /// derives the buffer, offset and length from its request and calls this).
+    ///
+    /// The transaction keeps the binding until release ([`Transaction::request`] returns it),
+    /// and tells the request it holds it ([`RequestBinding::set_dma_active`]) from a successful
+    /// execute until the transaction finishes, fails to start or is cancelled, so the runtime
+    /// can refuse to complete the request meanwhile (statement 55).
+    ///
+    /// # Errors
+    /// As [`Transaction::initialize_using_offset`]; on error nothing is bound.
+    pub fn initialize_with_request(
+        &self,
+        program_dma: ProgramDma<P, C, B>,
+        direction: Direction,
+        buffer: B,
+        offset: u64,
+        length: u64,
+        request: Arc<dyn RequestBinding>,
+    ) -> Result<(), BufferError<B>> {
+        let result =
+            self.initialize_inner(program_dma, direction, buffer, offset, length, Some(request));
         if let Err(e) = &result {
             self.verify(&e.error);
         }
@@ -399,6 +435,7 @@ where
         buffer: B,
         offset: u64,
         length: u64,
+        request: Option<Arc<dyn RequestBinding>>,
     ) -> Result<(), BufferError<B>> {
         let refuse = |error, buffer| Err(BufferError { error, buffer });
         if length == 0 || length > u64::from(u32::MAX) || buffer.segment_count() == 0 {
@@ -464,6 +501,9 @@ where
         g.current = 0;
         g.next = 0;
         g.max_transfer = max_transfer;
+        let previous = core::mem::replace(&mut g.request, request);
+        drop(g);
+        drop(previous);
         Ok(())
     }
 
@@ -501,6 +541,10 @@ where
         }
         g.state = State::Transfer;
         g.context = Some(context);
+        if let Some(request) = &g.request {
+            request.set_dma_active(true);
+            g.request_held = true;
+        }
         let prepared = match self.kind {
             TransactionKind::Packet => self.prepare_packet_run(&mut g),
             _ => self.prepare_sg(&mut g),
@@ -810,11 +854,17 @@ where
         g.programmed = false;
         g.queued = false;
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
+        if core::mem::take(&mut g.request_held) {
+            if let Some(request) = &g.request {
+                request.set_dma_active(false);
+            }
+        }
         Leftovers {
             direction: g.direction,
             registers: g.registers.take(),
             context: g.context.take(),
             packet_slot,
+            request: None,
         }
     }
 
@@ -828,6 +878,7 @@ where
             self.enabler.device.give_back_packet_slot();
         }
         drop(leftovers.context);
+        drop(leftovers.request);
     }
 
     fn return_registers(&self, registers: MapRegisters, direction: Direction) {
@@ -865,7 +916,8 @@ where
 
     /// Reset every per-initialization field (Release, or a failed Initialize).
     fn reset(&self, g: &mut Inner<P, C, B>) -> Leftovers<C> {
-        let leftovers = self.finish(g, State::Released);
+        let mut leftovers = self.finish(g, State::Released);
+        leftovers.request = g.request.take();
         g.program_dma = None;
         g.offset = 0;
         g.length = 0;
@@ -940,6 +992,13 @@ where
     /// none is programmed (69).
     pub fn current_transfer_length(&self) -> u64 {
         self.inner.lock().current
+    }
+
+    /// `WdfDmaTransactionGetRequest`: the request bound by
+    /// [`Transaction::initialize_with_request`], until release; `None` after a plain initialize
+    /// (statement 26).
+    pub fn request(&self) -> Option<Arc<dyn RequestBinding>> {
+        self.inner.lock().request.clone()
     }
 
     /// The total length of the current initialization.

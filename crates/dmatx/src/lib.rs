@@ -80,10 +80,10 @@ pub use binding::RequestBinding;
 pub use common_buffer::{CommonBuffer, CommonBufferConfig, RawCommonBufferConfig};
 pub use device::DmaDevice;
 pub use enabler::{Enabler, EnablerConfig, RawEnablerConfig, UNLIMITED_FRAGMENTS};
-pub use transaction::{BufferError, Completion, ProgramDma, Transaction, TransferInfo};
+pub use transaction::{BufferError, Completion, ProgramDma, ReserveDma, Transaction, TransferInfo};
 
 pub use dmatx_hal as hal;
 pub use dmatx_types::{
-    BusAddr, Call, Direction, DmaVersion, Error, Misuse, ObjectMisuse, PAGE_SIZE, PhysAddr, Profile, Result,
-    SgElement, State, TransactionKind, VirtAddr,
+    BusAddr, Call, Direction, DmaVersion, Error, Misuse, ObjectMisuse, PAGE_SIZE, PhysAddr,
+    Profile, Result, SgElement, State, TransactionKind, VirtAddr,
 };

@@ -39,6 +39,21 @@ use dmatx_types::{
 /// was just given; the next transfer is then programmed after this call returns, on this thread.
 pub type ProgramDma<P, C, B> = fn(&Transaction<P, C, B>, &C, Direction, &[SgElement]) -> bool;
 
+/// The driver's reserve callback (`EvtReserveDma`): the map registers asked for by
+/// [`Transaction::allocate_resources`] are now owned by the transaction. Arguments: the
+/// transaction (still Reserved) and the context given to `allocate_resources`. The driver
+/// typically initializes and executes the transaction from here, and may do so again and again
+/// while the reservation lasts.
+pub type ReserveDma<P, C, B> = fn(&Transaction<P, C, B>, &C);
+
+/// Map registers reserved by [`Transaction::allocate_resources`] (spec §3.9).
+struct Reservation {
+    /// R: the number reserved.
+    count: u32,
+    /// The registers, once granted (`None` while the request is queued).
+    registers: Option<MapRegisters>,
+}
+
 /// The answer of a `dma_completed*` call.
 #[must_use = "Finished means the transaction is over and the driver completes its request; \
               MoreProcessingRequired means it must not touch the transaction"]
@@ -195,6 +210,10 @@ struct Inner<P: Platform, C, B> {
     request: Option<Arc<dyn RequestBinding>>,
     /// The request was told the transaction holds it (execute → finish).
     request_held: bool,
+    /// Registers reserved by allocate_resources, kept across runs until free_resources.
+    reservation: Option<Reservation>,
+    /// The reserve callback and its context, until it is called.
+    reserve_callback: Option<(ReserveDma<P, C, B>, C)>,
 }
 
 /// Resources taken out of a transaction under its lock, to be returned after the lock is
@@ -330,6 +349,8 @@ where
                 holds_packet_slot: false,
                 request: None,
                 request_held: false,
+                reservation: None,
+                reserve_callback: None,
             }),
             staging_area: Mutex::new(area),
         }))
@@ -420,8 +441,14 @@ where
         length: u64,
         request: Arc<dyn RequestBinding>,
     ) -> Result<(), BufferError<B>> {
-        let result =
-            self.initialize_inner(program_dma, direction, buffer, offset, length, Some(request));
+        let result = self.initialize_inner(
+            program_dma,
+            direction,
+            buffer,
+            offset,
+            length,
+            Some(request),
+        );
         if let Err(e) = &result {
             self.verify(&e.error);
         }
@@ -471,7 +498,13 @@ where
             let elements = split::physical_runs(&buffer, offset, length);
             if length > max_transfer {
                 Err(Error::WdfTooManyTransfers)
-            } else if pages > u64::from(record.map_registers) {
+            } else if pages
+                > u64::from(
+                    g.reservation
+                        .as_ref()
+                        .map_or(record.map_registers, |r| r.count),
+                )
+            {
                 Err(Error::WdfNotEnoughMapRegisters)
             } else if elements > max_sg || (self.kind == TransactionKind::Packet && elements > 1) {
                 Err(Error::WdfTooFragmented)
@@ -532,6 +565,12 @@ where
         if g.state != State::Initialized {
             return Err(self.misuse(Call::Execute, g.state, EXECUTE_STATE));
         }
+        if g.reservation
+            .as_ref()
+            .is_some_and(|r| r.registers.is_none())
+        {
+            return Err(self.misuse(Call::Execute, g.state, EXECUTE_UNGRANTED));
+        }
         if self.kind == TransactionKind::Packet && self.enabler.version == DmaVersion::V2 {
             if !self.enabler.device.try_take_packet_slot() {
                 g.state = State::TransferFailed;
@@ -566,11 +605,32 @@ where
     }
 
     /// Packet run: the first transfer's length and the registers for the whole run (§3.2.1).
+    /// A reservation supplies the registers without asking the platform (§3.3).
     fn prepare_packet_run(&self, g: &mut Inner<P, C, B>) -> Result<Prepared> {
         let buffer = g.buffer.as_ref().ok_or(Error::InvalidDeviceState)?;
+        g.next = self.packet_next_length(g);
+        if g.reservation.is_some() {
+            g.ready = true;
+            return Ok(Prepared::Ready);
+        }
         let count = split::packet_run_registers(buffer, g.offset, g.length, g.max_transfer);
-        g.next = g.length.min(g.max_transfer);
         self.allocate(g, count)
+    }
+
+    /// The next packet transfer's length: what is left, at most F, and — under a reservation of
+    /// R registers, unless single-transfer — no more than R registers can map from the current
+    /// position (§3.2.1 step 2).
+    fn packet_next_length(&self, g: &Inner<P, C, B>) -> u64 {
+        let position = g.offset + g.transferred;
+        let length = (g.length - g.transferred).min(g.max_transfer);
+        match (&g.reservation, g.buffer.as_ref()) {
+            // Within one segment this is KMDF's PAGE_SIZE × (R − 1) + the rest of the first
+            // page; across a chain it also cuts where a segment's pages would not fit.
+            (Some(reservation), Some(buffer)) if !g.single_transfer => {
+                split::fit_to_registers(buffer, position, length, u64::from(reservation.count)).0
+            }
+            _ => length,
+        }
     }
 
     /// Scatter/gather: the next transfer's length, fitted to the map registers and checked
@@ -709,7 +769,11 @@ where
         g: &'g Inner<P, C, B>,
     ) -> Result<(&'g P::Adapter, &'g MapRegisters, &'g B)> {
         let record = self.enabler.record(g.direction);
-        match (record, g.registers.as_ref(), g.buffer.as_ref()) {
+        let registers = g
+            .registers
+            .as_ref()
+            .or_else(|| g.reservation.as_ref().and_then(|r| r.registers.as_ref()));
+        match (record, registers, g.buffer.as_ref()) {
             (Some(record), Some(registers), Some(buffer)) => {
                 Ok((&record.adapter, registers, buffer))
             }
@@ -806,7 +870,7 @@ where
         // More to do: prepare the next transfer.
         let prepared = match self.kind {
             TransactionKind::Packet => {
-                g.next = left.min(g.max_transfer);
+                g.next = self.packet_next_length(&g);
                 g.ready = true;
                 Ok(Prepared::Ready)
             }
@@ -852,7 +916,6 @@ where
         g.next = 0;
         g.ready = false;
         g.programmed = false;
-        g.queued = false;
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
         if core::mem::take(&mut g.request_held) {
             if let Some(request) = &g.request {
@@ -904,6 +967,7 @@ where
         match g.state {
             State::Released => Ok(None),
             State::Transfer => Err(self.misuse(Call::Release, g.state, RELEASE_STATE)),
+            _ if g.queued => Err(self.misuse(Call::Release, g.state, RELEASE_QUEUED)),
             _ => {
                 let buffer = g.buffer.take();
                 let leftovers = self.reset(&mut g);
@@ -956,12 +1020,204 @@ where
         if !record.adapter.cancel_allocation(&self.waiter) {
             return Ok(false);
         }
+        g.queued = false;
+        // A withdrawn reservation is cleared, so the transaction can reserve again (KMDF keeps
+        // the count with no registers behind it: docs/quirks.md).
+        let withdrawn = if g
+            .reservation
+            .as_ref()
+            .is_some_and(|r| r.registers.is_none())
+        {
+            g.reservation = None;
+            g.reserve_callback.take()
+        } else {
+            None
+        };
         let leftovers = self.finish(&mut g, State::TransferFailed);
         drop(g);
         self.dispose(leftovers);
+        drop(withdrawn);
         // Requests queued behind the withdrawn one may fit now.
         record.adapter.dispatch_queued();
         Ok(true)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reserved resources (spec §2.5, §3.9)
+
+    /// Reserve `count` map registers for this transaction
+    /// (`WdfDmaTransactionAllocateResources`, packet profiles, v3). When they are owned,
+    /// `reserve_dma` is called once with `context` — before this returns if they are free (or
+    /// under immediate execution), later from the thread that frees them otherwise. `count` 0
+    /// derives the count from the initialized buffer (every page it spans).
+    ///
+    /// The buffer description is discarded: the transaction is Reserved and the driver
+    /// initializes it again, normally inside `reserve_dma` (statement 96). While the
+    /// reservation lasts, execute takes no registers from the platform and transfers are cut
+    /// to fit R registers (97); completion and release keep the reservation (98);
+    /// [`Transaction::free_resources`] or deleting the transaction returns it (99, 100).
+    ///
+    /// On success the buffer of the discarded description, if any, comes back. If the platform
+    /// refuses the registers, the transaction is TransferFailed, the reservation is not held,
+    /// and the buffer stays with the transaction for release to hand back.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`] on a v2 enabler or a scatter/gather profile (statement
+    /// 92); [`Error::InsufficientResources`] if the adapter has fewer than `count` registers or
+    /// immediate execution cannot be satisfied; [`Error::Misuse`] if registers are already
+    /// reserved (94), `count` is 0 and the transaction is not Initialized (93), or the
+    /// transaction is executing or finished.
+    pub fn allocate_resources(
+        &self,
+        direction: Direction,
+        count: u32,
+        reserve_dma: ReserveDma<P, C, B>,
+        context: C,
+    ) -> Result<Option<B>> {
+        self.verified(self.allocate_resources_inner(direction, count, reserve_dma, context))
+    }
+
+    fn allocate_resources_inner(
+        &self,
+        direction: Direction,
+        count: u32,
+        reserve_dma: ReserveDma<P, C, B>,
+        context: C,
+    ) -> Result<Option<B>> {
+        if self.enabler.version != DmaVersion::V3 || self.kind != TransactionKind::Packet {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let record = self
+            .enabler
+            .record(direction)
+            .ok_or(Error::InvalidParameter)?;
+        let mut g = self.inner.lock();
+        if g.reservation.is_some() {
+            return Err(self.misuse(Call::AllocateResources, g.state, RESERVE_TWICE));
+        }
+        let count = if count == 0 {
+            match (g.state, g.buffer.as_ref()) {
+                (State::Initialized, Some(buffer)) => {
+                    let pages = split::pages_in_range(buffer, g.offset, g.length);
+                    u32::try_from(pages).unwrap_or(u32::MAX)
+                }
+                (state, _) => {
+                    return Err(self.misuse(Call::AllocateResources, state, RESERVE_DERIVED_STATE));
+                }
+            }
+        } else if matches!(
+            g.state,
+            State::Created | State::Initialized | State::Released
+        ) {
+            count
+        } else {
+            return Err(self.misuse(Call::AllocateResources, g.state, RESERVE_STATE));
+        };
+        // Discard the buffer description (KMDF wipes MDL and length).
+        let buffer = g.buffer.take();
+        let request = g.request.take();
+        g.program_dma = None;
+        g.offset = 0;
+        g.length = 0;
+        g.transferred = 0;
+        g.max_transfer = 0;
+        g.direction = direction;
+        g.state = State::Reserved;
+        let outcome = match NonZeroU32::new(count).filter(|n| n.get() <= record.map_registers) {
+            None => Err(Error::InsufficientResources),
+            Some(n) => record.adapter.allocate(
+                AllocationRequest {
+                    count: n,
+                    immediate: g.immediate,
+                },
+                &self.waiter,
+            ),
+        };
+        match outcome {
+            Ok(Allocation::Granted(registers)) => {
+                g.reservation = Some(Reservation {
+                    count,
+                    registers: Some(registers),
+                });
+                drop(g);
+                drop(request);
+                reserve_dma(self, &context);
+                Ok(buffer)
+            }
+            Ok(Allocation::Queued) => {
+                g.reservation = Some(Reservation {
+                    count,
+                    registers: None,
+                });
+                g.reserve_callback = Some((reserve_dma, context));
+                g.queued = true;
+                drop(g);
+                drop(request);
+                Ok(buffer)
+            }
+            Err(e) => {
+                g.state = State::TransferFailed;
+                g.buffer = buffer;
+                drop(g);
+                drop(request);
+                drop(context);
+                Err(e)
+            }
+        }
+    }
+
+    /// Return reserved map registers and release the transaction
+    /// (`WdfDmaTransactionFreeResources`): the state becomes Released and the buffer, if any,
+    /// comes back, as with [`Transaction::release`]. A reservation still queued is withdrawn.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a v2 enabler or a scatter/gather
+    /// profile; [`Error::Misuse`] in Created (statement 99) or while executing;
+    /// [`Error::InvalidDeviceState`] if the reserved registers are being granted at this very
+    /// moment (the reserve callback is about to run; free them from it or after it).
+    pub fn free_resources(&self) -> Result<Option<B>> {
+        self.verified(self.free_resources_inner())
+    }
+
+    fn free_resources_inner(&self) -> Result<Option<B>> {
+        if self.enabler.version != DmaVersion::V3 || self.kind != TransactionKind::Packet {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let mut g = self.inner.lock();
+        if matches!(g.state, State::Created | State::Transfer | State::Deleted) {
+            return Err(self.misuse(Call::FreeResources, g.state, FREE_STATE));
+        }
+        if g.queued {
+            let withdrawn = self
+                .enabler
+                .record(g.direction)
+                .is_some_and(|r| r.adapter.cancel_allocation(&self.waiter));
+            if !withdrawn {
+                return Err(Error::InvalidDeviceState);
+            }
+            g.queued = false;
+        }
+        let reserved = g.reservation.take().and_then(|r| r.registers);
+        let callback = g.reserve_callback.take();
+        let direction = g.direction;
+        let buffer = g.buffer.take();
+        let leftovers = self.reset(&mut g);
+        drop(g);
+        self.dispose(leftovers);
+        drop(callback);
+        if let Some(registers) = reserved {
+            self.return_registers(registers, direction);
+        }
+        Ok(buffer)
+    }
+
+    /// The number of map registers reserved (R), 0 when none are.
+    pub fn reserved_map_registers(&self) -> u32 {
+        self.inner
+            .lock()
+            .reservation
+            .as_ref()
+            .map_or(0, |r| r.count)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1152,6 +1408,16 @@ const COMPLETE_UNPROGRAMMED: &str =
 const RELEASE_STATE: &str = "the device may still be using the buffer; complete the transfer first";
 const CANCEL_STATE: &str = "cancel needs an initialized or executing transaction";
 const INFO_STATE: &str = "transfer info needs an Initialized transaction";
+const EXECUTE_UNGRANTED: &str =
+    "the reserved map registers are not granted yet; execute from the reserve callback";
+const RELEASE_QUEUED: &str =
+    "a reservation request is still queued; cancel it (or free resources) first";
+const RESERVE_TWICE: &str = "map registers are already reserved; free resources first";
+const RESERVE_DERIVED_STATE: &str =
+    "allocate resources with a count of 0 derives the count from the buffer: initialize first";
+const RESERVE_STATE: &str =
+    "allocate resources needs a Created, Initialized or Released transaction";
+const FREE_STATE: &str = "free resources needs a transaction that is not Created or executing";
 
 impl<P, C, B> AllocationWaiter for Transaction<P, C, B>
 where
@@ -1161,6 +1427,20 @@ where
 {
     fn granted(&self, registers: MapRegisters) {
         let mut g = self.inner.lock();
+        if g.queued {
+            if let Some(reservation) = g.reservation.as_mut().filter(|r| r.registers.is_none()) {
+                // The reservation's registers: now call the reserve callback (slot cleared
+                // first, as KMDF does), outside the lock.
+                reservation.registers = Some(registers);
+                g.queued = false;
+                let callback = g.reserve_callback.take();
+                drop(g);
+                if let Some((reserve_dma, context)) = callback {
+                    reserve_dma(self, &context);
+                }
+                return;
+            }
+        }
         if !g.queued || g.state != State::Transfer {
             // Not waiting (cannot happen with a backend that keeps the contract): give the
             // registers straight back rather than lose them.
@@ -1187,6 +1467,7 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
         let in_flight = g.state == State::Transfer && (g.programmed || g.ready);
         let direction = g.direction;
         let registers = g.registers.take();
+        let reserved = g.reservation.take().and_then(|r| r.registers);
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
         if in_flight {
             // Deleted while the device may be using the buffer (KMDF: fatal with the verifier).
@@ -1197,11 +1478,14 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
             core::mem::forget(g.buffer.take());
             drop(g);
             // Not returned to the pool: the device may still use the mapping.
-            let _never_freed = registers;
+            let _never_freed = (registers, reserved);
         } else {
             drop(g);
-            if let (Some(registers), Some(record)) = (registers, self.enabler.record(direction)) {
-                record.adapter.free(registers);
+            if let Some(record) = self.enabler.record(direction) {
+                // Deleting a transaction returns its reservation too (statement 100).
+                for registers in [registers, reserved].into_iter().flatten() {
+                    record.adapter.free(registers);
+                }
             }
             if packet_slot {
                 self.enabler.device.give_back_packet_slot();

@@ -917,10 +917,10 @@ where
         g.ready = false;
         g.programmed = false;
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
-        if core::mem::take(&mut g.request_held) {
-            if let Some(request) = &g.request {
-                request.set_dma_active(false);
-            }
+        if core::mem::take(&mut g.request_held)
+            && let Some(request) = &g.request
+        {
+            request.set_dma_active(false);
         }
         Leftovers {
             direction: g.direction,
@@ -1427,19 +1427,19 @@ where
 {
     fn granted(&self, registers: MapRegisters) {
         let mut g = self.inner.lock();
-        if g.queued {
-            if let Some(reservation) = g.reservation.as_mut().filter(|r| r.registers.is_none()) {
-                // The reservation's registers: now call the reserve callback (slot cleared
-                // first, as KMDF does), outside the lock.
-                reservation.registers = Some(registers);
-                g.queued = false;
-                let callback = g.reserve_callback.take();
-                drop(g);
-                if let Some((reserve_dma, context)) = callback {
-                    reserve_dma(self, &context);
-                }
-                return;
+        if g.queued
+            && let Some(reservation) = g.reservation.as_mut().filter(|r| r.registers.is_none())
+        {
+            // The reservation's registers: now call the reserve callback (slot cleared
+            // first, as KMDF does), outside the lock.
+            reservation.registers = Some(registers);
+            g.queued = false;
+            let callback = g.reserve_callback.take();
+            drop(g);
+            if let Some((reserve_dma, context)) = callback {
+                reserve_dma(self, &context);
             }
+            return;
         }
         if !g.queued || g.state != State::Transfer {
             // Not waiting (cannot happen with a backend that keeps the contract): give the

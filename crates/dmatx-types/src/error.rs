@@ -248,7 +248,9 @@ mod tests {
         });
         let text = e.to_string();
         assert!(
-            text.contains("WdfRequestComplete") && text.contains("request") && text.contains("completed"),
+            text.contains("WdfRequestComplete")
+                && text.contains("request")
+                && text.contains("completed"),
             "{text}"
         );
         assert!(e.is_misuse());

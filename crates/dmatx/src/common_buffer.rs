@@ -3,8 +3,8 @@
 //!
 //! Spec §1.3 (alignment and the two views of an over-aligned buffer) and §2.7.
 
-use crate::enabler::{Enabler, EnablerShared};
-use crate::sync::Arc;
+use crate::enabler::{Child, Enabler, EnablerShared};
+use crate::sync::{Arc, Mutex, Weak};
 use dmatx_hal::{Adapter, CommonAllocation, PAGE_SIZE, Platform};
 use dmatx_types::{BusAddr, Direction, Error, Result, VirtAddr};
 
@@ -70,13 +70,53 @@ impl CommonBufferConfig {
 /// # Ok::<(), dmatx::Error>(())
 /// ```
 pub struct CommonBuffer<P: Platform> {
-    enabler: Arc<EnablerShared<P>>,
-    allocation: Option<CommonAllocation>,
+    /// Shared with the enabler's child list, so deleting the device frees the memory.
+    memory: Arc<CommonMemory<P>>,
     length: u64,
-    /// Bytes from the raw start to the aligned start.
     skew: u64,
     aligned_logical: BusAddr,
     aligned_virtual: VirtAddr,
+    raw: RawCommonBuffer,
+}
+
+/// The platform's allocation behind a common buffer, as it was made (before alignment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawCommonBuffer {
+    /// CPU virtual address of the first allocated byte.
+    pub virt: VirtAddr,
+    /// Bus address of the first allocated byte.
+    pub logical: BusAddr,
+    /// Bytes allocated (the length plus any alignment padding).
+    pub length: u64,
+}
+
+/// The allocation, owned by the buffer until it or its device is deleted.
+struct CommonMemory<P: Platform> {
+    enabler: Arc<EnablerShared<P>>,
+    allocation: Mutex<Option<CommonAllocation>>,
+}
+
+impl<P: Platform> CommonMemory<P> {
+    fn free(&self) {
+        let allocation = self.allocation.lock().take();
+        if let (Some(allocation), Some(record)) =
+            (allocation, self.enabler.record(Direction::ReadFromDevice))
+        {
+            record.adapter.free_common_buffer(allocation);
+        }
+    }
+}
+
+impl<P: Platform> Drop for CommonMemory<P> {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+impl<P: Platform> Child for CommonMemory<P> {
+    fn delete_by_parent(&self) {
+        self.free();
+    }
 }
 
 impl<P: Platform> CommonBuffer<P> {
@@ -122,6 +162,9 @@ impl<P: Platform> CommonBuffer<P> {
         } else {
             length
         };
+        if shared.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
         let allocation = record.adapter.allocate_common_buffer(raw_length)?;
         let raw_logical = allocation.logical.get();
         let aligned = (raw_logical
@@ -136,9 +179,20 @@ impl<P: Platform> CommonBuffer<P> {
         } else {
             (raw_virtual + mask) & !mask
         };
-        Ok(Self {
+        let raw = RawCommonBuffer {
+            virt: allocation.virt,
+            logical: allocation.logical,
+            length: allocation.length,
+        };
+        let memory = Arc::new(CommonMemory {
             enabler: Arc::clone(shared),
-            allocation: Some(allocation),
+            allocation: Mutex::new(Some(allocation)),
+        });
+        // If the enabler was deleted meanwhile, dropping `memory` frees the allocation.
+        shared.adopt(Arc::downgrade(&memory) as Weak<dyn Child>)?;
+        Ok(Self {
+            memory,
+            raw,
             length,
             skew,
             aligned_logical: BusAddr::new(aligned),
@@ -162,51 +216,60 @@ impl<P: Platform> CommonBuffer<P> {
     }
 
     /// The platform's raw allocation (before alignment).
-    pub fn raw_allocation(&self) -> Option<&CommonAllocation> {
-        self.allocation.as_ref()
+    pub fn raw_allocation(&self) -> RawCommonBuffer {
+        self.raw
+    }
+
+    /// Whether the buffer's memory was freed because its device was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.memory.allocation.lock().is_none()
     }
 
     /// Copy bytes starting at `offset` (from the aligned start) into `out`.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] if the range runs past [`CommonBuffer::length`].
+    /// [`Error::InvalidParameter`] if the range runs past [`CommonBuffer::length`];
+    /// [`Error::InvalidDeviceState`] once the device was deleted.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<()> {
-        let (adapter, allocation) = self.checked(offset, out.len())?;
-        adapter.read_common_buffer(allocation, self.skew + offset, out)
+        self.check(offset, out.len())?;
+        let allocation = self.memory.allocation.lock();
+        let (Some(allocation), Some(record)) = (
+            allocation.as_ref(),
+            self.memory.enabler.record(Direction::ReadFromDevice),
+        ) else {
+            return Err(Error::InvalidDeviceState);
+        };
+        record
+            .adapter
+            .read_common_buffer(allocation, self.skew + offset, out)
     }
 
     /// Copy `data` into the buffer at `offset` (from the aligned start).
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] if the range runs past [`CommonBuffer::length`].
+    /// [`Error::InvalidParameter`] if the range runs past [`CommonBuffer::length`];
+    /// [`Error::InvalidDeviceState`] once the device was deleted.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let (adapter, allocation) = self.checked(offset, data.len())?;
-        adapter.write_common_buffer(allocation, self.skew + offset, data)
+        self.check(offset, data.len())?;
+        let allocation = self.memory.allocation.lock();
+        let (Some(allocation), Some(record)) = (
+            allocation.as_ref(),
+            self.memory.enabler.record(Direction::ReadFromDevice),
+        ) else {
+            return Err(Error::InvalidDeviceState);
+        };
+        record
+            .adapter
+            .write_common_buffer(allocation, self.skew + offset, data)
     }
 
-    fn checked(&self, offset: u64, len: usize) -> Result<(&P::Adapter, &CommonAllocation)> {
+    fn check(&self, offset: u64, len: usize) -> Result<()> {
         let end = offset
             .checked_add(len as u64)
             .ok_or(Error::InvalidParameter)?;
         if end > self.length {
             return Err(Error::InvalidParameter);
         }
-        let record = self
-            .enabler
-            .record(Direction::ReadFromDevice)
-            .ok_or(Error::InvalidParameter)?;
-        let allocation = self.allocation.as_ref().ok_or(Error::InvalidParameter)?;
-        Ok((&record.adapter, allocation))
-    }
-}
-
-impl<P: Platform> Drop for CommonBuffer<P> {
-    fn drop(&mut self) {
-        if let (Some(allocation), Some(record)) = (
-            self.allocation.take(),
-            self.enabler.record(Direction::ReadFromDevice),
-        ) {
-            record.adapter.free_common_buffer(allocation);
-        }
+        Ok(())
     }
 }

@@ -1,7 +1,10 @@
 //! The device a set of enablers belongs to (KMDF's WDFDEVICE, as far as DMA needs it).
 
-use crate::sync::{Arc, AtomicBool, Ordering};
+use crate::enabler::{Enabler, EnablerShared};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak};
+use alloc::vec::Vec;
 use dmatx_hal::Platform;
+use dmatx_types::{Error, Result};
 
 /// A device that owns DMA enablers: it holds the platform (the backend) and the v2 device-wide
 /// packet slot (spec §3.3: one active v2 packet transaction per device).
@@ -20,10 +23,14 @@ pub struct DmaDevice<P: Platform> {
     shared: Arc<DeviceShared<P>>,
 }
 
-pub(crate) struct DeviceShared<P> {
+pub(crate) struct DeviceShared<P: Platform> {
     pub(crate) platform: P,
     /// The v2 packet slot: set while a v2 packet transaction of this device holds map registers.
     packet_slot: AtomicBool,
+    /// The device's enablers in creation order (KMDF's enabler list, walked for power).
+    enablers: Mutex<Vec<Weak<EnablerShared<P>>>>,
+    /// Set by [`DmaDevice::delete`].
+    deleted: AtomicBool,
 }
 
 impl<P: Platform> DmaDevice<P> {
@@ -33,6 +40,8 @@ impl<P: Platform> DmaDevice<P> {
             shared: Arc::new(DeviceShared {
                 platform,
                 packet_slot: AtomicBool::new(false),
+                enablers: Mutex::new(Vec::new()),
+                deleted: AtomicBool::new(false),
             }),
         }
     }
@@ -47,29 +56,72 @@ impl<P: Platform> DmaDevice<P> {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
-    /// Power the device's DMA up (KMDF runs this after `EvtDeviceD0EntryPostInterruptsEnabled`):
-    /// each enabler's fill, enable and self-managed-I/O-start callbacks, in creation order
-    /// (statement 15).
+    /// Power the device's DMA up (KMDF runs this after `EvtDeviceD0EntryPostInterruptsEnabled`
+    /// and before the device's self-managed I/O starts): for each enabler in creation order,
+    /// its fill, enable and self-managed-I/O-start callbacks (statement 15). The first failure
+    /// stops the walk; which step failed is remembered for the next power-down. Each power-up
+    /// starts with a clean record (KMDF never clears it: `docs/quirks.md`).
     ///
     /// # Errors
     /// The first callback error; later callbacks and enablers are not run.
-    pub fn power_up(&self) -> dmatx_types::Result<()> {
+    /// [`Error::InvalidDeviceState`] after [`DmaDevice::delete`].
+    pub fn power_up(&self) -> Result<()> {
+        if self.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
+        let enablers = self.shared.live_enablers();
+        for shared in &enablers {
+            shared.power.lock().reset();
+        }
+        for shared in enablers {
+            Enabler { shared }.power_up()?;
+        }
         Ok(())
     }
 
     /// Power the device's DMA down (KMDF runs this before
-    /// `EvtDeviceD0ExitPreInterruptsDisabled`): each enabler's self-managed-I/O-stop, disable
-    /// and flush callbacks (statement 16).
+    /// `EvtDeviceD0ExitPreInterruptsDisabled`): for each enabler the last power-up reached, its
+    /// self-managed-I/O-stop, then disable unless fill failed, then flush unless fill or enable
+    /// failed (statement 16). Every such enabler is visited.
     ///
     /// # Errors
-    /// The first callback error; every enabler is still visited.
-    pub fn power_down(&self) -> dmatx_types::Result<()> {
-        Ok(())
+    /// The first callback error.
+    pub fn power_down(&self) -> Result<()> {
+        let mut first = Ok(());
+        for shared in self.shared.live_enablers() {
+            let result = Enabler { shared }.power_down();
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
     }
 
-    /// Delete the device's DMA objects (statement 17): every enabler, its transactions and
-    /// common buffers.
-    pub fn delete(&self) {}
+    /// Delete the device's DMA objects (`WdfObjectDelete` on the device, statement 17): every
+    /// enabler, its transactions and its common buffers. Handles the driver still holds stay
+    /// valid as Rust values but their objects are deleted: transactions report
+    /// [`State::Deleted`](dmatx_types::State::Deleted) and refuse every call, common buffers
+    /// refuse reads and writes, and nothing new can be created on the device or its enablers.
+    /// Buffers of transactions that are not executing are dropped, their map registers and
+    /// reservations returned, common-buffer memory freed. A transaction still executing keeps
+    /// its buffer and registers forever (the device may be using them), as deleting it would.
+    /// Deleting twice does nothing.
+    pub fn delete(&self) {
+        // ORDERING: Acquire/Release so a deleter sees earlier creations and creators after it
+        // see the flag.
+        if self.shared.deleted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let enablers = core::mem::take(&mut *self.shared.enablers.lock());
+        for enabler in enablers.iter().filter_map(Weak::upgrade) {
+            enabler.delete();
+        }
+    }
+
+    /// Whether [`DmaDevice::delete`] was called.
+    pub fn is_deleted(&self) -> bool {
+        self.shared.is_deleted()
+    }
 
     pub(crate) fn shared(&self) -> &Arc<DeviceShared<P>> {
         &self.shared
@@ -84,7 +136,36 @@ impl<P: Platform> Clone for DmaDevice<P> {
     }
 }
 
-impl<P> DeviceShared<P> {
+impl<P: Platform> DeviceShared<P> {
+    /// Add an enabler to the device's list (at its creation).
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceState`] if the device was deleted.
+    pub(crate) fn adopt(&self, enabler: Weak<EnablerShared<P>>) -> Result<()> {
+        let mut list = self.enablers.lock();
+        if self.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
+        if list.len() == list.capacity() {
+            list.retain(|e| e.strong_count() > 0);
+        }
+        list.push(enabler);
+        Ok(())
+    }
+
+    fn live_enablers(&self) -> Vec<Arc<EnablerShared<P>>> {
+        self.enablers
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    pub(crate) fn is_deleted(&self) -> bool {
+        // ORDERING: pairs with the AcqRel swap in `delete`.
+        self.deleted.load(Ordering::Acquire)
+    }
+
     /// Take the v2 packet slot; `false` if another transaction holds it.
     pub(crate) fn try_take_packet_slot(&self) -> bool {
         // ORDERING: Acquire pairs with the Release in `give_back_packet_slot`, so the previous

@@ -3,7 +3,8 @@
 //! Spec §1.1 (configuration, version selection, adapter acquisition) and §2.1 (methods).
 
 use crate::device::{DeviceShared, DmaDevice};
-use crate::sync::{Arc, AtomicU32, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU32, Mutex, Ordering, Weak};
+use alloc::vec::Vec;
 use dmatx_hal::{Adapter, DeviceDescription, Platform};
 use dmatx_types::{Direction, DmaVersion, Error, PAGE_SIZE, Profile, Result};
 
@@ -148,6 +149,89 @@ impl RawEnablerConfig {
     }
 }
 
+/// An enabler's power callbacks (KMDF's `EvtDmaEnablerFill`, `…Flush`, `…Enable`,
+/// `…Disable`, `…SelfManagedIoStart`, `…SelfManagedIoStop`), run by
+/// [`DmaDevice::power_up`] and [`DmaDevice::power_down`] with no dmatx lock held.
+///
+/// ```
+/// use dmatx::{DmaDevice, Enabler, EnablerCallbacks, EnablerConfig, Profile};
+/// use dmatx_sim::SimPlatform;
+///
+/// fn fill(_: &Enabler<SimPlatform>) -> dmatx::Result<()> { Ok(()) }
+/// let device = DmaDevice::new(SimPlatform::new());
+/// let enabler = Enabler::create(&device, EnablerConfig::new(Profile::Packet64, 4096))?;
+/// enabler.set_power_callbacks(EnablerCallbacks { fill: Some(fill), ..Default::default() });
+/// device.power_up()?;
+/// device.power_down()?;
+/// # Ok::<(), dmatx::Error>(())
+/// ```
+pub struct EnablerCallbacks<P: Platform> {
+    /// Power-up, first: fill the device's DMA state (e.g. descriptor rings).
+    pub fill: Option<EnablerCallback<P>>,
+    /// Power-up, second: enable the device's DMA.
+    pub enable: Option<EnablerCallback<P>>,
+    /// Power-up, third: start self-managed DMA I/O.
+    pub self_managed_io_start: Option<EnablerCallback<P>>,
+    /// Power-down, first (always run): stop self-managed DMA I/O.
+    pub self_managed_io_stop: Option<EnablerCallback<P>>,
+    /// Power-down, second: disable the device's DMA (skipped if fill failed).
+    pub disable: Option<EnablerCallback<P>>,
+    /// Power-down, third: flush what fill set up (skipped if fill or enable failed).
+    pub flush: Option<EnablerCallback<P>>,
+}
+
+/// One enabler power callback.
+pub type EnablerCallback<P> = fn(&Enabler<P>) -> Result<()>;
+
+impl<P: Platform> Default for EnablerCallbacks<P> {
+    fn default() -> Self {
+        Self {
+            fill: None,
+            enable: None,
+            self_managed_io_start: None,
+            self_managed_io_stop: None,
+            disable: None,
+            flush: None,
+        }
+    }
+}
+
+impl<P: Platform> Clone for EnablerCallbacks<P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P: Platform> Copy for EnablerCallbacks<P> {}
+
+/// The power callbacks and what the last power-up did with them.
+pub(crate) struct PowerRecord<P: Platform> {
+    callbacks: EnablerCallbacks<P>,
+    /// The last power-up reached this enabler (ran or tried its fill).
+    reached: bool,
+    fill_failed: bool,
+    enable_failed: bool,
+}
+
+impl<P: Platform> PowerRecord<P> {
+    /// Forget the previous power cycle (KMDF never does: `docs/quirks.md`).
+    pub(crate) fn reset(&mut self) {
+        self.reached = false;
+        self.fill_failed = false;
+        self.enable_failed = false;
+    }
+}
+
+/// An object an enabler deletes with itself (transactions, common buffers; statement 17).
+pub(crate) trait Child: Send + Sync {
+    /// First phase of deletion: withdraw any request queued with the platform, so that
+    /// resources the other children return in the second phase are not granted to it.
+    fn withdraw(&self) {}
+
+    /// Second phase: delete the object because its parent is being deleted.
+    fn delete_by_parent(&self);
+}
+
 /// One per-direction adapter record (spec §1.1).
 pub(crate) struct AdapterRecord<A> {
     pub(crate) adapter: A,
@@ -170,6 +254,10 @@ pub(crate) struct EnablerShared<P: Platform> {
     max_sg_elements: AtomicU32,
     /// Common-buffer alignment mask (max of device and platform requirements).
     pub(crate) common_buffer_alignment: u64,
+    pub(crate) power: Mutex<PowerRecord<P>>,
+    /// Transactions and common buffers, deleted with the enabler.
+    children: Mutex<Vec<Weak<dyn Child>>>,
+    deleted: AtomicBool,
 }
 
 impl<P: Platform> EnablerShared<P> {
@@ -181,6 +269,45 @@ impl<P: Platform> EnablerShared<P> {
             0
         };
         self.records[index].as_ref()
+    }
+
+    /// Add a child to delete with the enabler.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceState`] if the enabler was deleted.
+    pub(crate) fn adopt(&self, child: Weak<dyn Child>) -> Result<()> {
+        let mut children = self.children.lock();
+        if self.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
+        if children.len() == children.capacity() {
+            children.retain(|c| c.strong_count() > 0);
+        }
+        children.push(child);
+        Ok(())
+    }
+
+    pub(crate) fn is_deleted(&self) -> bool {
+        // ORDERING: pairs with the AcqRel swap in `delete`.
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Delete the enabler and its children (no lock held while they are deleted).
+    pub(crate) fn delete(&self) {
+        // ORDERING: see `is_deleted`.
+        if self.deleted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let children: Vec<_> = core::mem::take(&mut *self.children.lock())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for child in &children {
+            child.withdraw();
+        }
+        for child in &children {
+            child.delete_by_parent();
+        }
     }
 
     pub(crate) fn max_sg_elements(&self) -> u32 {
@@ -237,6 +364,9 @@ impl<P: Platform> Enabler<P> {
     /// single-transfer requirement without v3 (7). [`Error::Unsuccessful`] if the platform
     /// refuses an adapter or grants fewer than two map registers.
     pub fn create(device: &DmaDevice<P>, config: EnablerConfig) -> Result<Self> {
+        if device.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
         let profile = config.profile;
         if config.maximum_length == 0 || config.maximum_length > u64::from(u32::MAX) {
             return Err(Error::InvalidParameter);
@@ -308,7 +438,7 @@ impl<P: Platform> Enabler<P> {
         let common_buffer_alignment = records[0]
             .as_ref()
             .map_or(0, |r| r.adapter.alignment_requirement());
-        Ok(Self {
+        let enabler = Self {
             shared: Arc::new(EnablerShared {
                 device: Arc::clone(device.shared()),
                 profile,
@@ -320,8 +450,89 @@ impl<P: Platform> Enabler<P> {
                 records,
                 max_sg_elements: AtomicU32::new(UNLIMITED_FRAGMENTS),
                 common_buffer_alignment,
+                power: Mutex::new(PowerRecord {
+                    callbacks: EnablerCallbacks::default(),
+                    reached: false,
+                    fill_failed: false,
+                    enable_failed: false,
+                }),
+                children: Mutex::new(Vec::new()),
+                deleted: AtomicBool::new(false),
             }),
-        })
+        };
+        device.shared().adopt(Arc::downgrade(&enabler.shared))?;
+        Ok(enabler)
+    }
+
+    /// Set the enabler's power callbacks (KMDF takes them in `WDF_DMA_ENABLER_CONFIG`; set them
+    /// before the device powers up). Replaces any set before.
+    pub fn set_power_callbacks(&self, callbacks: EnablerCallbacks<P>) {
+        self.shared.power.lock().callbacks = callbacks;
+    }
+
+    /// Power-up for this enabler: fill → enable → self-managed-I/O start, stopping at the
+    /// first failure (recorded for power-down).
+    pub(crate) fn power_up(&self) -> Result<()> {
+        let callbacks = {
+            let mut record = self.shared.power.lock();
+            record.reached = true;
+            record.callbacks
+        };
+        if let Some(fill) = callbacks.fill
+            && let Err(e) = fill(self)
+        {
+            self.shared.power.lock().fill_failed = true;
+            return Err(e);
+        }
+        if let Some(enable) = callbacks.enable
+            && let Err(e) = enable(self)
+        {
+            self.shared.power.lock().enable_failed = true;
+            return Err(e);
+        }
+        match callbacks.self_managed_io_start {
+            Some(start) => start(self),
+            None => Ok(()),
+        }
+    }
+
+    /// Power-down for this enabler: self-managed-I/O stop, disable unless fill failed, flush
+    /// unless fill or enable failed. Enablers the last power-up did not reach are skipped.
+    pub(crate) fn power_down(&self) -> Result<()> {
+        let (callbacks, reached, fill_failed, enable_failed) = {
+            let record = self.shared.power.lock();
+            (
+                record.callbacks,
+                record.reached,
+                record.fill_failed,
+                record.enable_failed,
+            )
+        };
+        if !reached {
+            return Ok(());
+        }
+        let mut first = Ok(());
+        let mut run = |callback: Option<EnablerCallback<P>>| {
+            if let Some(callback) = callback {
+                let result = callback(self);
+                if first.is_ok() {
+                    first = result;
+                }
+            }
+        };
+        run(callbacks.self_managed_io_stop);
+        if !fill_failed {
+            run(callbacks.disable);
+        }
+        if !fill_failed && !enable_failed {
+            run(callbacks.flush);
+        }
+        first
+    }
+
+    /// Whether the enabler was deleted (with its device).
+    pub fn is_deleted(&self) -> bool {
+        self.shared.is_deleted()
     }
 
     /// The profile the enabler was created with.

@@ -77,9 +77,12 @@ mod sync;
 mod transaction;
 
 pub use binding::RequestBinding;
-pub use common_buffer::{CommonBuffer, CommonBufferConfig, RawCommonBufferConfig};
+pub use common_buffer::{CommonBuffer, CommonBufferConfig, RawCommonBuffer, RawCommonBufferConfig};
 pub use device::DmaDevice;
-pub use enabler::{Enabler, EnablerConfig, RawEnablerConfig, UNLIMITED_FRAGMENTS};
+pub use enabler::{
+    Enabler, EnablerCallback, EnablerCallbacks, EnablerConfig, RawEnablerConfig,
+    UNLIMITED_FRAGMENTS,
+};
 pub use transaction::{BufferError, Completion, ProgramDma, ReserveDma, Transaction, TransferInfo};
 
 pub use dmatx_hal as hal;

@@ -14,7 +14,7 @@
 //! (KMDF nests for scatter/gather; `docs/quirks.md`).
 
 use crate::binding::RequestBinding;
-use crate::enabler::{Enabler, EnablerShared};
+use crate::enabler::{Child, Enabler, EnablerShared};
 use crate::split;
 use crate::sync::{Arc, Mutex, MutexGuard, Weak};
 use alloc::vec::Vec;
@@ -302,6 +302,9 @@ where
         if kind == TransactionKind::System {
             return Err(Error::InvalidDeviceRequest);
         }
+        if shared.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
         let records: Vec<_> = shared.records.iter().flatten().collect();
         for (done, record) in records.iter().enumerate() {
             if let Err(e) = record.adapter.register_waiter() {
@@ -323,7 +326,7 @@ where
         let mut area = Vec::with_capacity(capacity);
         area.resize(capacity, SgElement::default());
         let single_transfer = shared.require_single_transfer;
-        Ok(Arc::new_cyclic(|this: &Weak<Self>| Self {
+        let transaction = Arc::new_cyclic(|this: &Weak<Self>| Self {
             enabler: Arc::clone(shared),
             kind,
             waiter: this.clone() as WaiterRef,
@@ -353,7 +356,10 @@ where
                 reserve_callback: None,
             }),
             staging_area: Mutex::new(area),
-        }))
+        });
+        let child: Weak<dyn Child> = Arc::downgrade(&transaction) as Weak<dyn Child>;
+        shared.adopt(child)?;
+        Ok(transaction)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -967,6 +973,7 @@ where
         match g.state {
             State::Released => Ok(None),
             State::Transfer => Err(self.misuse(Call::Release, g.state, RELEASE_STATE)),
+            State::Deleted => Err(self.misuse(Call::Release, g.state, DELETED)),
             _ if g.queued => Err(self.misuse(Call::Release, g.state, RELEASE_QUEUED)),
             _ => {
                 let buffer = g.buffer.take();
@@ -1008,7 +1015,7 @@ where
             return Ok(false);
         }
         let mut g = self.inner.lock();
-        if matches!(g.state, State::Created | State::Released) {
+        if matches!(g.state, State::Created | State::Released | State::Deleted) {
             return Err(self.misuse(Call::Cancel, g.state, CANCEL_STATE));
         }
         if !g.queued {
@@ -1408,6 +1415,7 @@ const COMPLETE_UNPROGRAMMED: &str =
 const RELEASE_STATE: &str = "the device may still be using the buffer; complete the transfer first";
 const CANCEL_STATE: &str = "cancel needs an initialized or executing transaction";
 const INFO_STATE: &str = "transfer info needs an Initialized transaction";
+const DELETED: &str = "the transaction was deleted with its enabler's device";
 const EXECUTE_UNGRANTED: &str =
     "the reserved map registers are not granted yet; execute from the reserve callback";
 const RELEASE_QUEUED: &str =
@@ -1458,6 +1466,61 @@ where
         // A map failure here has no caller to report to; the transaction is left
         // TransferFailed (see the platform contract: a backend bounces what it cannot map).
         let _ = self.stage(g);
+    }
+}
+
+impl<P, C, B> Child for Transaction<P, C, B>
+where
+    P: Platform,
+    C: Clone + Send + Sync + 'static,
+    B: MemoryDescriptor,
+{
+    /// Deleted with its device (statement 17): a queued register request is withdrawn; unless a
+    /// transfer is in flight, the buffer is dropped and registers, reservation and v2 slot are
+    /// returned; the state becomes Deleted.
+    fn withdraw(&self) {
+        let mut g = self.inner.lock();
+        if g.queued
+            && self
+                .enabler
+                .record(g.direction)
+                .is_some_and(|r| r.adapter.cancel_allocation(&self.waiter))
+        {
+            g.queued = false;
+        }
+    }
+
+    fn delete_by_parent(&self) {
+        let mut g = self.inner.lock();
+        if g.state == State::Deleted {
+            return;
+        }
+        let in_flight = g.state == State::Transfer && (g.programmed || g.ready || g.queued);
+        g.state = State::Deleted;
+        if in_flight {
+            // As for a transaction dropped mid-transfer: the device may still use the buffer
+            // and registers, so they are never returned.
+            core::mem::forget(g.buffer.take());
+            core::mem::forget(g.registers.take());
+            core::mem::forget(g.reservation.take());
+            return;
+        }
+        let direction = g.direction;
+        let buffer = g.buffer.take();
+        let reserved = g.reservation.take().and_then(|r| r.registers);
+        let callback = g.reserve_callback.take();
+        let mut leftovers = self.finish(&mut g, State::Deleted);
+        leftovers.request = g.request.take();
+        g.program_dma = None;
+        g.length = 0;
+        g.transferred = 0;
+        drop(g);
+        self.dispose(leftovers);
+        if let Some(registers) = reserved {
+            self.return_registers(registers, direction);
+        }
+        drop(callback);
+        drop(buffer);
     }
 }
 

@@ -45,7 +45,7 @@ fn stmt_102_small_alignment_keeps_raw_addresses() {
                 },
             )
             .unwrap();
-            let raw = cb.raw_allocation().unwrap();
+            let raw = cb.raw_allocation();
             assert!(cb.aligned_logical_address().is_aligned(mask));
             assert!(cb.aligned_virtual_address().is_aligned(mask));
             assert_eq!(cb.aligned_logical_address(), raw.logical);
@@ -69,7 +69,7 @@ fn stmt_103_large_alignment_keeps_both_views_on_the_same_byte() {
             },
         )
         .unwrap();
-        let raw = cb.raw_allocation().unwrap();
+        let raw = cb.raw_allocation();
         assert!(cb.aligned_logical_address().is_aligned(mask));
         let la_skew = cb
             .aligned_logical_address()

@@ -1501,8 +1501,8 @@ where
             // As for a transaction dropped mid-transfer: the device may still use the buffer
             // and registers, so they are never returned.
             core::mem::forget(g.buffer.take());
-            core::mem::forget(g.registers.take());
-            core::mem::forget(g.reservation.take());
+            // Not returned to the pool: the device may still use the mapping.
+            let _never_freed = (g.registers.take(), g.reservation.take());
             return;
         }
         let direction = g.direction;

@@ -935,6 +935,9 @@ impl Adapter for SimAdapter {
     }
 
     fn register_waiter(&self) -> Result<()> {
+        if lock(&self.inner.shared.creations).refuse() {
+            return Err(Error::InsufficientResources);
+        }
         let mut st = lock(&self.inner.state.0);
         let want = st.registered + 1;
         let additional = want.saturating_sub(st.queue.len());
@@ -1240,6 +1243,9 @@ impl Adapter for SimAdapter {
         let a = &*self.inner;
         if length == 0 {
             return Err(Error::InvalidParameter);
+        }
+        if lock(&a.shared.creations).refuse() {
+            return Err(Error::InsufficientResources);
         }
         let pages = length.div_ceil(PAGE_SIZE);
         let size = pages * PAGE_SIZE;

@@ -1180,3 +1180,40 @@ mod property {
         }
     }
 }
+
+#[test]
+fn creation_knob_fails_registrations_and_common_buffers_as_planned() {
+    let sim = SimPlatform::new();
+    let a = sim.adapter(&SimPlatform::description(64)).unwrap();
+    sim.fail_next_creations(2);
+    assert_eq!(a.register_waiter(), Err(Error::InsufficientResources));
+    assert_eq!(
+        a.allocate_common_buffer(4096).unwrap_err(),
+        Error::InsufficientResources
+    );
+    a.register_waiter().unwrap();
+    a.unregister_waiter();
+    assert_eq!(sim.creation_counts(), (2, 1));
+    // Random: about the probability asked for, and the same sequence for the same seed.
+    let draw = |seed| {
+        sim.fail_creations_randomly(0.5, seed);
+        (0..2000)
+            .map(|_| {
+                let failed = a.register_waiter().is_err();
+                if !failed {
+                    a.unregister_waiter();
+                }
+                failed
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = draw(7);
+    assert_eq!(first, draw(7));
+    let failed = first.iter().filter(|f| **f).count();
+    assert!((800..1200).contains(&failed), "{failed} of 2000 failed");
+    sim.fail_creations_randomly(0.0, 0);
+    assert!(a.register_waiter().is_ok());
+    a.unregister_waiter();
+    drop(a);
+    assert_eq!(sim.check_clean(), Ok(()));
+}

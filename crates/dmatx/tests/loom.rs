@@ -5,7 +5,9 @@
 //!
 //! Each model checks, over every interleaving loom explores: program-DMA never nests; it is
 //! called once per transfer; exactly one completion reports the transaction finished, with all
-//! bytes; map registers and mappings all come back.
+//! bytes; map registers and mappings all come back. The cancel models (spec §3.6) check that a
+//! cancel racing the grant of a queued start, or racing completions, either withdraws the start
+//! (program-DMA never runs for it) or finds nothing to withdraw — never both, never neither.
 
 mod common;
 
@@ -164,4 +166,128 @@ fn packet_completion_inside_program_dma() {
 #[test]
 fn sg_completion_inside_program_dma() {
     completion_inside_program_dma(Profile::ScatterGather64);
+}
+
+/// A transaction of `length` bytes on an enabler of `profile` over a queueing platform with
+/// `registers` map registers.
+fn queueing_setup(profile: Profile, registers: u32, length: u64) -> (MockPlatform, Arc<Tx>) {
+    let platform = MockPlatform::queueing(registers);
+    let device = DmaDevice::new(platform.clone());
+    let config = EnablerConfig::new(profile, 1 << 20).with_version(dmatx::DmaVersion::V3);
+    let enabler = Enabler::create(&device, config).unwrap();
+    let t = Tx::create(&enabler).unwrap();
+    t.initialize_using_offset(
+        program,
+        Direction::WriteToDevice,
+        MockBuffer::new(length),
+        0,
+        length,
+    )
+    .unwrap();
+    (platform, t)
+}
+
+/// Cancel vs execute: the start is queued behind registers another device holds; one thread
+/// cancels while another returns those registers, which grants the start and runs program-DMA
+/// on that thread. Either the cancel wins (TRUE, no program-DMA, TransferFailed) or the grant
+/// does (FALSE, program-DMA once, the transaction completes normally).
+fn cancel_races_the_grant(profile: Profile) {
+    // How often each side won, over all explored interleavings (std atomics: outside the model).
+    let outcomes = Arc::new([
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    ]);
+    let seen = Arc::clone(&outcomes);
+    model(move || {
+        let (platform, t) = queueing_setup(profile, 2, 4096);
+        let probe = Arc::new(Probe::default());
+        let hostage = platform.hold(2);
+        t.execute(Arc::clone(&probe)).unwrap();
+        assert_eq!(platform.queued(), 1);
+        let other = platform.clone();
+        let freer = thread::spawn(move || other.give_back(hostage));
+        let cancelled = t.cancel().unwrap();
+        freer.join().unwrap();
+        seen[usize::from(cancelled)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let programmed = probe.programmed.load(Ordering::SeqCst);
+        if cancelled {
+            assert_eq!(programmed, 0, "a withdrawn start never programs");
+            assert_eq!(t.state(), State::TransferFailed);
+        } else {
+            assert_eq!(programmed, 1, "the granted start programmed once");
+            assert_eq!(t.dma_completed().unwrap(), Completion::Finished(Ok(())));
+            assert_eq!(t.bytes_transferred(), 4096);
+        }
+        t.release().unwrap().expect("buffer back");
+        drop(t);
+        platform.assert_clean();
+    });
+    if cfg!(loom) {
+        let [granted, cancelled] = &*outcomes;
+        assert!(
+            granted.load(std::sync::atomic::Ordering::Relaxed) > 0
+                && cancelled.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "loom explored both outcomes"
+        );
+    }
+}
+
+/// Cancel vs completion (the seed's race with the last completion): the device completes both
+/// transfers from one thread while another cancels. Nothing is ever queued, so the cancel
+/// finds nothing to withdraw in every interleaving, and the transaction finishes once with all
+/// its bytes.
+fn cancel_races_completion(profile: Profile) {
+    model(move || {
+        let (platform, t) = queueing_setup(profile, 2, 8192);
+        let probe = Arc::new(Probe::default());
+        let (t2, probe2) = (Arc::clone(&t), Arc::clone(&probe));
+        let device = thread::spawn(move || {
+            let mut done = 0;
+            loop {
+                while probe2.programmed.load(Ordering::SeqCst) <= done {
+                    thread::yield_now();
+                }
+                done += 1;
+                if let Completion::Finished(status) = t2.dma_completed().expect("completion") {
+                    status.expect("success");
+                    return done;
+                }
+            }
+        });
+        t.execute(Arc::clone(&probe)).unwrap();
+        assert_eq!(
+            t.cancel(),
+            Ok(false),
+            "a started transaction has nothing queued"
+        );
+        assert_eq!(device.join().unwrap(), 2);
+        while probe.inside.load(Ordering::SeqCst) {
+            thread::yield_now();
+        }
+        assert_eq!(t.state(), State::TransferCompleted);
+        assert_eq!(t.bytes_transferred(), 8192);
+        t.release().unwrap().expect("buffer back");
+        drop(t);
+        platform.assert_clean();
+    });
+}
+
+#[test]
+fn packet_cancel_races_the_grant() {
+    cancel_races_the_grant(Profile::Packet64);
+}
+
+#[test]
+fn sg_cancel_races_the_grant() {
+    cancel_races_the_grant(Profile::ScatterGather64);
+}
+
+#[test]
+fn packet_cancel_races_completion() {
+    cancel_races_completion(Profile::Packet64);
+}
+
+#[test]
+fn sg_cancel_races_completion() {
+    cancel_races_completion(Profile::ScatterGather64);
 }

@@ -1,23 +1,40 @@
-//! A minimal platform for model checking: map registers are a counter, mapping is arithmetic,
-//! nothing queues. Its locks are std locks held only for a few instructions with no loom
-//! operation inside, so loom never preempts inside them.
+//! A minimal platform for model checking: map registers are a counter, mapping is arithmetic.
+//! Requests that do not fit queue only when `queueing` is on (FIFO; granted by `free`); a test
+//! can hold registers hostage. Under `--cfg loom` its lock is loom's, so loom sees the races on
+//! the queue (a cancel withdrawing a request against a free granting it).
 
 #![allow(dead_code)]
 
 use dmatx::hal::{
-    Adapter, Allocation, AllocationRequest, CommonAllocation, DeviceDescription, Mapping,
-    MemoryDescriptor, Platform, Segment, WaiterRef,
+    Adapter, Allocation, AllocationRequest, CommonAllocation, DeviceDescription, MapRegisters,
+    Mapping, MemoryDescriptor, Platform, Segment, Waiter, WaiterRef,
 };
 use dmatx::{BusAddr, Direction, Error, PAGE_SIZE, PhysAddr, Result, SgElement, VirtAddr};
-use std::sync::{Arc, Mutex};
+#[cfg(loom)]
+use loom::sync::Mutex;
+use std::sync::Arc;
+#[cfg(not(loom))]
+use std::sync::Mutex;
 
 /// Registers in use and mappings live, for the end-of-test checks.
-#[derive(Default, Debug)]
+#[derive(Default)]
 pub struct Books {
     pub in_use: u32,
     pub live_maps: u32,
     pub maps: u32,
+    /// Queue requests that do not fit instead of refusing them.
+    pub queueing: bool,
+    /// Queued requests: the waiter and the count.
+    pub queue: Vec<(Waiter, u32)>,
 }
+
+impl std::fmt::Debug for QueueDebug<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} queued", self.0.len())
+    }
+}
+
+struct QueueDebug<'a>(&'a [(Waiter, u32)]);
 
 #[derive(Clone, Default)]
 pub struct MockPlatform {
@@ -33,13 +50,59 @@ impl MockPlatform {
         }
     }
 
+    /// A platform whose adapters queue requests that do not fit.
+    pub fn queueing(registers: u32) -> Self {
+        let p = Self::new(registers);
+        p.books.lock().unwrap().queueing = true;
+        p
+    }
+
+    /// Take `n` registers out of the pool, as another device would.
+    pub fn hold(&self, n: u32) -> MapRegisters {
+        let mut b = self.books.lock().unwrap();
+        assert!(b.in_use + n <= self.registers);
+        b.in_use += n;
+        MapRegisters::new(0, n)
+    }
+
+    /// Return registers taken with `hold`, granting queued requests that fit now.
+    pub fn give_back(&self, registers: MapRegisters) {
+        free_and_grant(&self.books, registers.count(), self.registers);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.books.lock().unwrap().queue.len()
+    }
+
     pub fn assert_clean(&self) {
         let b = self.books.lock().unwrap();
         assert_eq!(
-            (b.in_use, b.live_maps),
-            (0, 0),
-            "registers or mappings not returned: {b:?}"
+            (b.in_use, b.live_maps, b.queue.len()),
+            (0, 0, 0),
+            "registers, mappings or queued requests left ({:?})",
+            QueueDebug(&b.queue)
         );
+    }
+}
+
+/// Return `n` registers and grant queued requests in order while they fit; waiters are called
+/// with no lock held.
+fn free_and_grant(books: &Mutex<Books>, n: u32, total: u32) {
+    let mut granted = Vec::new();
+    {
+        let mut b = books.lock().unwrap();
+        b.in_use -= n;
+        while let Some(&(_, count)) = b.queue.first() {
+            if b.in_use + count > total {
+                break;
+            }
+            b.in_use += count;
+            let (waiter, count) = b.queue.remove(0);
+            granted.push((waiter, count));
+        }
+    }
+    for (waiter, count) in granted {
+        waiter.granted(MapRegisters::new(0, count));
     }
 }
 
@@ -67,19 +130,30 @@ impl Adapter for MockAdapter {
         Ok(())
     }
     fn unregister_waiter(&self) {}
-    fn allocate(&self, request: AllocationRequest, _: &WaiterRef) -> Result<Allocation> {
+    fn allocate(&self, request: AllocationRequest, waiter: &WaiterRef) -> Result<Allocation> {
         let mut b = self.books.lock().unwrap();
         let n = request.count.get();
-        if b.in_use + n > self.registers {
-            return Err(Error::InsufficientResources);
+        if b.in_use + n > self.registers || !b.queue.is_empty() {
+            if !b.queueing || request.immediate || n > self.registers {
+                return Err(Error::InsufficientResources);
+            }
+            let waiter = waiter.upgrade().ok_or(Error::InvalidDeviceState)?;
+            b.queue.push((waiter, n));
+            return Ok(Allocation::Queued);
         }
         b.in_use += n;
         Ok(Allocation::Granted(dmatx::hal::MapRegisters::new(0, n)))
     }
-    fn cancel_allocation(&self, _: &WaiterRef) -> bool {
-        false
+    fn cancel_allocation(&self, waiter: &WaiterRef) -> bool {
+        let mut b = self.books.lock().unwrap();
+        let before = b.queue.len();
+        b.queue
+            .retain(|(w, _)| !std::ptr::addr_eq(Arc::as_ptr(w), waiter.as_ptr()));
+        b.queue.len() != before
     }
-    fn dispatch_queued(&self) {}
+    fn dispatch_queued(&self) {
+        free_and_grant(&self.books, 0, self.registers);
+    }
     fn map<D: MemoryDescriptor + ?Sized>(
         &self,
         _: &dmatx::hal::MapRegisters,
@@ -110,7 +184,7 @@ impl Adapter for MockAdapter {
         Ok(())
     }
     fn free(&self, registers: dmatx::hal::MapRegisters) {
-        self.books.lock().unwrap().in_use -= registers.count();
+        free_and_grant(&self.books, registers.count(), self.registers);
     }
     fn allocate_common_buffer(&self, _: u64) -> Result<CommonAllocation> {
         Err(Error::InsufficientResources)

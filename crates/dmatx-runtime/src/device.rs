@@ -336,7 +336,9 @@ impl<X: Send + Sync + 'static> Device<X> {
         }
         for (i, d) in dma.iter().enumerate() {
             if let Err(e) = d.power_up() {
-                for up in dma[..i].iter().rev() {
+                // The failing DMA device powers down too: its enablers' records say which
+                // of their steps ran (the core skips what never came up).
+                for up in dma[..=i].iter().rev() {
                     let _ = up.power_down();
                 }
                 let _ = run(self, callbacks.d0_exit_pre_interrupts_disabled);

@@ -37,7 +37,9 @@ use dmatx_runtime::{
     Device, DeviceConfig, Dispatch, Interrupt, InterruptConfig, IoctlCode, Queue, QueueConfig,
     Request, RequestHandle, RequestMemory, RequestSpec, TransferMethod,
 };
-use dmatx_sim::{CompletionMode, DeviceCompletion, DeviceFault, SimBuffer, SimDmaDevice, SimPlatform};
+use dmatx_sim::{
+    CompletionMode, DeviceCompletion, DeviceFault, SimBuffer, SimDmaDevice, SimPlatform,
+};
 
 /// `IOCTL_SAMPLE_WRITE_AT`: input = the device offset (8 bytes, little endian), output = data.
 pub const WRITE_AT: IoctlCode = IoctlCode::new(0x8000, 0x801, TransferMethod::InDirect, 0);
@@ -165,7 +167,12 @@ impl Sample {
             partial_rate: setup.partial_rate,
             rng: Mutex::new(setup.seed | 1),
         };
-        let device = Device::with_config(driver, DeviceConfig { verifier: Some(true) });
+        let device = Device::with_config(
+            driver,
+            DeviceConfig {
+                verifier: Some(true),
+            },
+        );
         device.attach_dma(&dma).expect("attach");
         let interrupt = Interrupt::create(
             &device,
@@ -176,11 +183,21 @@ impl Sample {
         )
         .expect("interrupt");
         let raiser = interrupt.clone();
-        device.context().interrupt.set(interrupt).ok().expect("once");
+        device
+            .context()
+            .interrupt
+            .set(interrupt)
+            .ok()
+            .expect("once");
         // The device "raises its line" for each completed transfer.
         let ctx_device = device.clone();
         hw.set_completion_handler(move |c| {
-            ctx_device.context().completions.lock().unwrap().push_back(c);
+            ctx_device
+                .context()
+                .completions
+                .lock()
+                .unwrap()
+                .push_back(c);
             raiser.raise(0).expect("raise");
         });
         let mut qc = QueueConfig::new(Dispatch::Parallel);
@@ -197,7 +214,10 @@ impl Sample {
     /// Submit a write of `data` at `offset`.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> RequestHandle<SimBuffer> {
         let d = self.driver();
-        let mut buffer = d.sim.allocate_buffer(data.len() as u64, offset % 4096).unwrap();
+        let mut buffer = d
+            .sim
+            .allocate_buffer(data.len() as u64, offset % 4096)
+            .unwrap();
         buffer.write(0, data).unwrap();
         self.queue
             .submit(RequestSpec::device_control(
@@ -231,7 +251,10 @@ impl Sample {
 
     pub fn wait_dpcs(&self) {
         let interrupt = self.driver().interrupt.get().unwrap();
-        assert!(interrupt.wait_dpc_idle(Duration::from_secs(10)), "DPCs idle");
+        assert!(
+            interrupt.wait_dpc_idle(Duration::from_secs(10)),
+            "DPCs idle"
+        );
     }
 
     /// Kept transactions currently in the pool.
@@ -280,7 +303,9 @@ impl Driver {
                 return (t, false);
             }
             Err(Error::InsufficientResources) => {
-                self.counters.creation_failures.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .creation_failures
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => panic!("transaction create: {e}"),
         }
@@ -355,9 +380,7 @@ fn on_ioctl(
         }
     };
     let mut raw = [0; 8];
-    let read = request
-        .input_memory()
-        .map(|m| m.memory().read(0, &mut raw));
+    let read = request.input_memory().map(|m| m.memory().read(0, &mut raw));
     if !matches!(read, Some(Ok(()))) {
         request.complete(Err(Error::InvalidParameter)).unwrap();
         return;
@@ -420,8 +443,15 @@ fn on_cancel(request: &Request<SimBuffer>) {
     drop(done);
 }
 
+/// A test hook run at the start of every program-DMA call, with the request's id.
+pub static PROGRAM_HOOK: Mutex<Option<fn(u64)>> = Mutex::new(None);
+
 fn program_dma(t: &Tx, io: &Arc<Io>, direction: Direction, sg: &[SgElement]) -> bool {
     let d = io.device.context();
+    let hook = *PROGRAM_HOOK.lock().unwrap();
+    if let Some(hook) = hook {
+        hook(io.request.id());
+    }
     let first = !std::mem::replace(&mut *io.unmarked.lock().unwrap(), true);
     if first && io.request.unmark_cancelable() == Err(Error::Cancelled) {
         // The cancel callback has run or will run: abort before the device sees anything.
@@ -447,9 +477,8 @@ fn program_dma(t: &Tx, io: &Arc<Io>, direction: Direction, sg: &[SgElement]) -> 
     }
     by_transfer.insert(number, Arc::clone(io));
     d.counters.transfers.fetch_add(1, Ordering::Relaxed);
-    let started = d
-        .hw
-        .start(direction, sg, io.device_offset + t.bytes_transferred());
+    let started =
+        d.hw.start(direction, sg, io.device_offset + t.bytes_transferred());
     assert_eq!(started, number);
     drop(by_transfer);
     true

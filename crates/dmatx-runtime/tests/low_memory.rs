@@ -19,6 +19,8 @@ fn ten_thousand_requests_with_half_the_creations_failing() {
         kept: 4,
         mode: CompletionMode::Immediate,
         storage_bytes: 4 << 20,
+        // 4 KiB transfers: requests of up to 12 KiB take up to four.
+        maximum_length: 4096,
         ..Setup::default()
     });
     s.driver().sim.fail_creations_randomly(0.5, 0x5eed);
@@ -34,14 +36,18 @@ fn ten_thousand_requests_with_half_the_creations_failing() {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let len = 1 + (x % 40_000) as usize;
+                    let len = 1 + (x % 12_288) as usize;
                     let offset = region + (x >> 20) % (1 << 19);
                     let data: Vec<u8> = (0..len).map(|k| (k as u64 ^ x ^ i) as u8).collect();
                     let w = s.write_at(offset, &data);
-                    let c = w.wait_timeout(Duration::from_secs(10)).expect("write completes");
+                    let c = w
+                        .wait_timeout(Duration::from_secs(10))
+                        .expect("write completes");
                     assert_eq!((c.status, c.information), (Ok(()), len as u64));
                     let r = s.read_at(offset, len as u64);
-                    let c = r.wait_timeout(Duration::from_secs(10)).expect("read completes");
+                    let c = r
+                        .wait_timeout(Duration::from_secs(10))
+                        .expect("read completes");
                     assert_eq!((c.status, c.information), (Ok(()), len as u64));
                     assert!(r.output().unwrap().to_vec() == data, "data intact");
                     assert_eq!(w.refused_completions() + r.refused_completions(), 0);
@@ -53,8 +59,15 @@ fn ten_thousand_requests_with_half_the_creations_failing() {
     let failures = counters.creation_failures.load(Ordering::Relaxed);
     let created = counters.created.load(Ordering::Relaxed);
     assert_eq!(failures + created, 10_000, "one creation tried per request");
-    assert!((4_000..6_000).contains(&failures), "{failures} creations failed");
-    assert_eq!(counters.from_pool.load(Ordering::Relaxed), failures, "every failure fell back");
+    assert!(
+        (4_000..6_000).contains(&failures),
+        "{failures} creations failed"
+    );
+    assert_eq!(
+        counters.from_pool.load(Ordering::Relaxed),
+        failures,
+        "every failure fell back"
+    );
     assert_eq!(s.kept_available(), 4, "every kept transaction came back");
     let (refused, _) = s.driver().sim.creation_counts();
     assert_eq!(refused, failures);

@@ -135,7 +135,7 @@ impl Sample {
     /// Device add and power-up: enabler, kept transactions, interrupt, queue.
     pub fn new(setup: Setup) -> Self {
         let sim = dmatx_sim::SimConfig::new()
-            .memory(0, 256 << 20)
+            .memory(1 << 20, 16 << 20)
             .map_registers(setup.map_registers)
             .build()
             .expect("sim");

@@ -11,6 +11,7 @@
 //! * `loom`  — every loom model (`crates/*/tests/loom*.rs`) under `--cfg loom`.
 //! * `miri`  — the library unit tests under Miri (nightly toolchain).
 //! * `bench` — the criterion benchmarks of `dmatx`.
+//! * `stress` — the runtime's cancel/partial-transfer stress test, long, in release.
 
 use std::env;
 use std::ffi::OsString;
@@ -36,6 +37,10 @@ tiers:
                        DMATX_ALLOW_SKIP=1
   bench [cargo-args] [-- <criterion-args>]
                        cargo bench -p dmatx, then where criterion wrote its results
+  stress [requests]    the runtime's stress test (threads issuing and cancelling requests
+                       against deferred, partial completions), release build,
+                       DMATX_STRESS_REQUESTS=requests (default 200000 per profile; the
+                       test tier runs 2000)
   help, --help, -h     this text
 
 exit codes: 0 all steps passed (or skipped), 1 a step failed, 2 usage error or miri unavailable";
@@ -64,9 +69,10 @@ fn main() -> ExitCode {
         Some("loom") => tier_loom(&rest),
         Some("miri") => tier_miri(),
         Some("bench") => tier_bench(&rest),
+        Some("stress") => tier_stress(&rest),
         Some(other) => {
             eprintln!(
-                "xtask: unknown tier `{other}` (expected one of: test, loom, miri, bench; see `cargo xtask --help`)"
+                "xtask: unknown tier `{other}` (expected one of: test, loom, miri, bench, stress; see `cargo xtask --help`)"
             );
             ExitCode::from(2)
         }
@@ -181,6 +187,40 @@ fn tier_miri() -> ExitCode {
 /// The core's integration tests that also run under Miri (the others are property or timing
 /// heavy and add nothing Miri can see that these do not).
 const MIRI_INTEGRATION_TESTS: [&str; 4] = ["release", "cancel", "completion", "common_buffer"];
+
+/// Requests per profile in the `stress` tier when no count is given.
+const STRESS_DEFAULT_REQUESTS: &str = "200000";
+
+/// `stress`: the runtime's stress test in release with many requests.
+fn tier_stress(args: &[String]) -> ExitCode {
+    let root = repo_root();
+    let requests = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| STRESS_DEFAULT_REQUESTS.to_owned());
+    if requests.parse::<u64>().map_or(true, |n| n == 0) {
+        eprintln!("xtask: stress takes a positive request count, not `{requests}`");
+        return ExitCode::from(2);
+    }
+    println!("xtask: DMATX_STRESS_REQUESTS={requests}");
+    let mut run = Run::new("stress");
+    let mut cmd = cargo(
+        &root,
+        &[
+            "test",
+            "--release",
+            "-p",
+            "dmatx-runtime",
+            "--test",
+            "stress",
+            "--",
+            "--nocapture",
+        ],
+    );
+    cmd.env("DMATX_STRESS_REQUESTS", &requests);
+    run.step("stress dmatx-runtime", cmd);
+    run.finish()
+}
 
 /// `bench`: `cargo bench -p dmatx`, arguments before `--` to cargo and after it to criterion;
 /// then prints where criterion wrote its results.

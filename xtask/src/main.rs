@@ -186,7 +186,14 @@ fn tier_miri() -> ExitCode {
 
 /// The core's integration tests that also run under Miri (the others are property or timing
 /// heavy and add nothing Miri can see that these do not).
-const MIRI_INTEGRATION_TESTS: [&str; 4] = ["release", "cancel", "completion", "common_buffer"];
+const MIRI_INTEGRATION_TESTS: [&str; 6] = [
+    "release",
+    "cancel",
+    "completion",
+    "common_buffer",
+    "reserve",
+    "device",
+];
 
 /// Requests per profile in the `stress` tier when no count is given.
 const STRESS_DEFAULT_REQUESTS: &str = "200000";

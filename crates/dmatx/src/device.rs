@@ -113,8 +113,15 @@ impl<P: Platform> DmaDevice<P> {
             return;
         }
         let enablers = core::mem::take(&mut *self.shared.enablers.lock());
-        for enabler in enablers.iter().filter_map(Weak::upgrade) {
-            enabler.delete();
+        // Two phases across all enablers: every queued request is withdrawn before any
+        // resource is returned, so nothing being deleted is granted registers meanwhile.
+        let children: Vec<_> = enablers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|enabler| enabler.begin_delete())
+            .collect();
+        for group in children {
+            EnablerShared::<P>::delete_children(group);
         }
     }
 

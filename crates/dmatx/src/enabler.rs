@@ -292,11 +292,13 @@ impl<P: Platform> EnablerShared<P> {
         self.deleted.load(Ordering::Acquire)
     }
 
-    /// Delete the enabler and its children (no lock held while they are deleted).
-    pub(crate) fn delete(&self) {
+    /// First phase of deleting the enabler: mark it deleted (nothing new can be created on it)
+    /// and have every child withdraw its queued platform requests. Returns the children for
+    /// [`EnablerShared::delete_children`]; empty if it was already deleted.
+    pub(crate) fn begin_delete(&self) -> Vec<Arc<dyn Child>> {
         // ORDERING: see `is_deleted`.
         if self.deleted.swap(true, Ordering::AcqRel) {
-            return;
+            return Vec::new();
         }
         let children: Vec<_> = core::mem::take(&mut *self.children.lock())
             .iter()
@@ -305,6 +307,11 @@ impl<P: Platform> EnablerShared<P> {
         for child in &children {
             child.withdraw();
         }
+        children
+    }
+
+    /// Second phase: delete the children (returning their resources). No lock is held.
+    pub(crate) fn delete_children(children: Vec<Arc<dyn Child>>) {
         for child in &children {
             child.delete_by_parent();
         }

@@ -248,14 +248,14 @@ impl<M> RequestMemory<M> {
     }
 }
 
-// SAFETY: every method delegates to `M`, which keeps the `MemoryDescriptor` contract. The `M`
-// lives in an `Arc` that this value holds, so it is neither dropped nor moved while this value
-// (or a leaked copy of it) exists: its frames stay its own, and its segments do not change.
-// `Send + 'static` hold because `M: Send + Sync + 'static` makes `Arc<M>` so.
 #[expect(
     unsafe_code,
     reason = "the one audited exception: delegating an unsafe trait"
 )]
+// SAFETY: every method delegates to `M`, which keeps the `MemoryDescriptor` contract. The `M`
+// lives in an `Arc` that this value holds, so it is neither dropped nor moved while this value
+// (or a leaked copy of it) exists: its frames stay its own, and its segments do not change.
+// `Send + 'static` hold because `M: Send + Sync + 'static` makes `Arc<M>` so.
 unsafe impl<M: MemoryDescriptor + Sync> MemoryDescriptor for RequestMemory<M> {
     fn segment_count(&self) -> usize {
         self.memory.segment_count()

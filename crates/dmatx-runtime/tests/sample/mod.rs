@@ -183,12 +183,10 @@ impl Sample {
         )
         .expect("interrupt");
         let raiser = interrupt.clone();
-        device
-            .context()
-            .interrupt
-            .set(interrupt)
-            .ok()
-            .expect("once");
+        assert!(
+            device.context().interrupt.set(interrupt).is_ok(),
+            "the interrupt is set once"
+        );
         // The device "raises its line" for each completed transfer.
         let ctx_device = device.clone();
         hw.set_completion_handler(move |c| {

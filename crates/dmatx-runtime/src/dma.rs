@@ -5,12 +5,38 @@
 //! the request to the transaction; while the transaction executes, the request refuses to be
 //! completed. [`request_of`] gives the bound request back (`WdfDmaTransactionGetRequest`).
 
+use std::sync::Arc;
+
 use dmatx::hal::{MemoryDescriptor, Platform};
-use dmatx::{Direction, Error, ProgramDma, Result, Transaction};
+use dmatx::{Direction, Enabler, Error, ProgramDma, Result, Transaction};
+
+use crate::device::Device;
 
 use crate::ioctl::TransferMethod;
 use crate::request::{Request, RequestKind, RequestMemory, RequestShared};
 use crate::sync::{misuse, verify};
+
+/// Create a transaction on `enabler` for a driver on `device` (`WdfDmaTransactionCreate`),
+/// honouring the device's low-memory knob ([`Device::fail_next_allocations`]) so a driver's
+/// fallback for a failed creation can be tested on any platform.
+///
+/// # Errors
+/// [`Error::InsufficientResources`] when the knob refuses it or the platform cannot take
+/// another transaction; [`Error::InvalidDeviceState`] after the device or the enabler was
+/// deleted; the errors of [`Transaction::create`].
+pub fn create_transaction<X, P, C, B>(
+    device: &Device<X>,
+    enabler: &Enabler<P>,
+) -> Result<Arc<Transaction<P, C, B>>>
+where
+    X: Send + Sync + 'static,
+    P: Platform,
+    C: Clone + Send + Sync + 'static,
+    B: MemoryDescriptor,
+{
+    device.check_allocation()?;
+    Transaction::create(enabler)
+}
 
 /// Initialize `t` from `request` (`WdfDmaTransactionInitializeUsingRequest`) and bind the
 /// request to it.

@@ -167,9 +167,10 @@ impl<X: Send + Sync + 'static> Interrupt<X> {
     ///
     /// # Errors
     /// [`Error::InvalidDeviceState`] after the device was deleted;
-    /// [`Error::InsufficientResources`] if the worker thread cannot be started.
+    /// [`Error::InsufficientResources`] if the worker thread cannot be started or the device's
+    /// low-memory knob refuses the creation ([`Device::fail_next_allocations`]).
     pub fn create(device: &Device<X>, config: InterruptConfig<X>) -> Result<Self> {
-        device.check_alive()?;
+        device.check_allocation()?;
         let shared = Arc::new(InterruptShared {
             core: Arc::new(Core::default()),
             device: device.clone(),

@@ -151,8 +151,11 @@ where
     /// the device is not in D0 holds its requests until power-up.
     ///
     /// # Errors
-    /// [`Error::InvalidDeviceState`] after the device was deleted.
+    /// [`Error::InvalidDeviceState`] after the device was deleted;
+    /// [`Error::InsufficientResources`] when the device's low-memory knob refuses it
+    /// ([`Device::fail_next_allocations`]).
     pub fn create(device: &Device<X>, config: QueueConfig<X, M>) -> Result<Self> {
+        device.check_allocation()?;
         let shared = Arc::new_cyclic(|this| QueueShared {
             device: device.clone(),
             config,

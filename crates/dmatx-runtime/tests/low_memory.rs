@@ -2,7 +2,8 @@
 //! a few transactions from device add, tries to create a fresh one per request, falls back to a
 //! kept one when creation fails with `InsufficientResources`, and releases (not deletes) kept
 //! ones for reuse. 10 000 requests with half of all creations failing all complete, with their
-//! data intact.
+//! data intact — once with the simulator's knob (the platform refuses to register the
+//! transaction) and once with the runtime's (the device refuses the creation).
 
 mod sample;
 
@@ -12,10 +13,26 @@ use sample::{Sample, Setup};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// Which knob makes creations fail.
+#[derive(Clone, Copy)]
+enum Knob {
+    Simulator,
+    Runtime,
+}
+
 #[test]
-fn ten_thousand_requests_with_half_the_creations_failing() {
+fn ten_thousand_requests_with_half_the_creations_failing_in_the_platform() {
+    reuse(Profile::ScatterGather64, Knob::Simulator);
+}
+
+#[test]
+fn ten_thousand_requests_with_half_the_creations_failing_in_the_runtime() {
+    reuse(Profile::Packet64, Knob::Runtime);
+}
+
+fn reuse(profile: Profile, knob: Knob) {
     let s = Sample::new(Setup {
-        profile: Profile::ScatterGather64,
+        profile,
         kept: 4,
         mode: CompletionMode::Immediate,
         storage_bytes: 4 << 20,
@@ -23,7 +40,10 @@ fn ten_thousand_requests_with_half_the_creations_failing() {
         maximum_length: 4096,
         ..Setup::default()
     });
-    s.driver().sim.fail_creations_randomly(0.5, 0x5eed);
+    match knob {
+        Knob::Simulator => s.driver().sim.fail_creations_randomly(0.5, 0x5eed),
+        Knob::Runtime => s.device.fail_allocations_randomly(0.5, 0x5eed),
+    }
     let threads = 4_u64;
     let per_thread = 10_000 / threads / 2; // a write and a read-back each
     std::thread::scope(|scope| {
@@ -69,8 +89,12 @@ fn ten_thousand_requests_with_half_the_creations_failing() {
         "every failure fell back"
     );
     assert_eq!(s.kept_available(), 4, "every kept transaction came back");
-    let (refused, _) = s.driver().sim.creation_counts();
-    assert_eq!(refused, failures);
+    let (refused, _) = match knob {
+        Knob::Simulator => s.driver().sim.creation_counts(),
+        Knob::Runtime => s.device.allocation_counts(),
+    };
+    assert_eq!(refused, failures, "every refusal came from the knob");
     s.driver().sim.fail_creations_randomly(0.0, 0);
+    s.device.fail_allocations_randomly(0.0, 0);
     s.shut_down();
 }

@@ -294,8 +294,8 @@ fn offset_buffer(sim: &SimPlatform, offset: u64) -> SimBuffer {
 impl Driver {
     /// A transaction for one request: a fresh one if creation succeeds, else a kept one
     /// (waiting for one to come back if all are in use).
-    fn transaction(&self) -> (Arc<Tx>, bool) {
-        match Tx::create(&self.enabler) {
+    fn transaction(&self, device: &Device<Driver>) -> (Arc<Tx>, bool) {
+        match dmatx_runtime::dma::create_transaction(device, &self.enabler) {
             Ok(t) => {
                 self.counters.created.fetch_add(1, Ordering::Relaxed);
                 return (t, false);
@@ -384,7 +384,7 @@ fn on_ioctl(
         return;
     }
     let device_offset = u64::from_le_bytes(raw);
-    let (transaction, kept) = d.transaction();
+    let (transaction, kept) = d.transaction(queue.device());
     if let Err(e) = initialize_using_request(&transaction, &request, program_dma, direction) {
         d.give_back(transaction, kept);
         request.complete(Err(e)).unwrap();

@@ -134,8 +134,8 @@
 //!   DPCs and timer callbacks on worker threads owned by their objects.
 //! * **No leaked threads.** Workers hold weak references: dropping the last handle of an
 //!   interrupt or timer joins its worker; [`Device::delete`] joins them all.
-//! * **Differences from WDF** are listed in `DIFFERENCES.md` beside this crate and on the items
-//!   concerned.
+//! * **Differences from WDF** are listed in the repository's `docs/quirks.md` (section "The
+//!   runtime") and on the items concerned.
 #![deny(unsafe_code)]
 
 mod device;

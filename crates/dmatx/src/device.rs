@@ -115,13 +115,10 @@ impl<P: Platform> DmaDevice<P> {
         let enablers = core::mem::take(&mut *self.shared.enablers.lock());
         // Two phases across all enablers: every queued request is withdrawn before any
         // resource is returned, so nothing being deleted is granted registers meanwhile.
-        let children: Vec<_> = enablers
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|enabler| enabler.begin_delete())
-            .collect();
-        for group in children {
-            EnablerShared::<P>::delete_children(group);
+        let enablers: Vec<_> = enablers.iter().filter_map(Weak::upgrade).collect();
+        let children: Vec<_> = enablers.iter().map(|e| e.begin_delete()).collect();
+        for (enabler, group) in enablers.iter().zip(children) {
+            enabler.delete_children(group);
         }
     }
 

@@ -311,9 +311,13 @@ impl<P: Platform> EnablerShared<P> {
     }
 
     /// Second phase: delete the children (returning their resources). No lock is held.
-    pub(crate) fn delete_children(children: Vec<Arc<dyn Child>>) {
+    pub(crate) fn delete_children(&self, children: Vec<Arc<dyn Child>>) {
         for child in &children {
             child.delete_by_parent();
+        }
+        // Withdrawn requests may have been blocking others (another device's) that fit now.
+        for record in self.records.iter().flatten() {
+            record.adapter.dispatch_queued();
         }
     }
 

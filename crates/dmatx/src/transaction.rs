@@ -41,7 +41,8 @@ pub type ProgramDma<P, C, B> = fn(&Transaction<P, C, B>, &C, Direction, &[SgElem
 
 /// The driver's reserve callback (`EvtReserveDma`): the map registers asked for by
 /// [`Transaction::allocate_resources`] are now owned by the transaction. Arguments: the
-/// transaction (still Reserved) and the context given to `allocate_resources`. The driver
+/// transaction (Reserved, unless the driver already initialized it while the reservation was
+/// queued) and the context given to `allocate_resources`. The driver
 /// typically initializes and executes the transaction from here, and may do so again and again
 /// while the reservation lasts.
 pub type ReserveDma<P, C, B> = fn(&Transaction<P, C, B>, &C);
@@ -496,6 +497,10 @@ where
             let error = self.misuse(Call::Initialize, g.state, INIT_STATE);
             return refuse(error, buffer);
         }
+        if self.enabler.is_deleted() {
+            // Its device is being deleted (this transaction's turn has not come yet).
+            return refuse(Error::InvalidDeviceState, buffer);
+        }
         let max_sg = u64::from(self.enabler.max_sg_elements());
         let mut max_transfer = record.fragment_length;
         let checked = if g.single_transfer {
@@ -576,6 +581,11 @@ where
             .is_some_and(|r| r.registers.is_none())
         {
             return Err(self.misuse(Call::Execute, g.state, EXECUTE_UNGRANTED));
+        }
+        if self.enabler.is_deleted() {
+            // The device is being deleted: starting now would take registers other
+            // transactions are returning to the pool.
+            return Err(Error::InvalidDeviceState);
         }
         if self.kind == TransactionKind::Packet && self.enabler.version == DmaVersion::V2 {
             if !self.enabler.device.try_take_packet_slot() {
@@ -1102,6 +1112,9 @@ where
         if g.reservation.is_some() {
             return Err(self.misuse(Call::AllocateResources, g.state, RESERVE_TWICE));
         }
+        if self.enabler.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
         let count = if count == 0 {
             match (g.state, g.buffer.as_ref()) {
                 (State::Initialized, Some(buffer)) => {
@@ -1163,10 +1176,12 @@ where
                 Ok(buffer)
             }
             Err(e) => {
+                // The description is gone (as in KMDF), but the buffer and the binding stay
+                // for release to hand back.
                 g.state = State::TransferFailed;
                 g.buffer = buffer;
+                g.request = request;
                 drop(g);
-                drop(request);
                 drop(context);
                 Err(e)
             }
@@ -1194,6 +1209,7 @@ where
         if matches!(g.state, State::Created | State::Transfer | State::Deleted) {
             return Err(self.misuse(Call::FreeResources, g.state, FREE_STATE));
         }
+        let mut withdrew = false;
         if g.queued {
             let withdrawn = self
                 .enabler
@@ -1203,6 +1219,7 @@ where
                 return Err(Error::InvalidDeviceState);
             }
             g.queued = false;
+            withdrew = true;
         }
         let reserved = g.reservation.take().and_then(|r| r.registers);
         let callback = g.reserve_callback.take();
@@ -1214,6 +1231,10 @@ where
         drop(callback);
         if let Some(registers) = reserved {
             self.return_registers(registers, direction);
+        }
+        if withdrew && let Some(record) = self.enabler.record(direction) {
+            // Requests queued behind the withdrawn one may fit now.
+            record.adapter.dispatch_queued();
         }
         Ok(buffer)
     }
@@ -1495,7 +1516,9 @@ where
         if g.state == State::Deleted {
             return;
         }
-        let in_flight = g.state == State::Transfer && (g.programmed || g.ready || g.queued);
+        // A request still queued (the withdraw lost a race with its grant) is not in flight:
+        // the grant finds the transaction Deleted and returns the registers.
+        let in_flight = g.state == State::Transfer && (g.programmed || g.ready);
         g.state = State::Deleted;
         if in_flight {
             // As for a transaction dropped mid-transfer: the device may still use the buffer
@@ -1532,6 +1555,14 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
         let registers = g.registers.take();
         let reserved = g.reservation.take().and_then(|r| r.registers);
         let packet_slot = core::mem::take(&mut g.holds_packet_slot);
+        if !in_flight
+            && core::mem::take(&mut g.request_held)
+            && let Some(request) = &g.request
+        {
+            // Dropped after a failed stage (a panic in program-DMA) without a release: the run
+            // is over, so the request may complete.
+            request.set_dma_active(false);
+        }
         if in_flight {
             // Deleted while the device may be using the buffer (KMDF: fatal with the verifier).
             // Keep the buffer, the registers and (v2) the device's packet slot forever rather

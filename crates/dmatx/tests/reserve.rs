@@ -6,24 +6,28 @@ mod common;
 use common::{Log, Tx, assert_clean, buffer, contiguous, enabler, record, run_to_end, sim};
 use dmatx::{Call, Direction, DmaVersion, Error, Profile, State};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 const W: Direction = Direction::WriteToDevice;
 
-/// Reserve callback that counts its calls in the log's tag-independent call list (as a
-/// program-DMA record with no SG list) and checks the transaction is still Reserved.
+/// Reserve callback: checks the transaction is still Reserved, marks the log (see
+/// `took_reserve`) and counts its calls in the log (see `reserve_calls`).
 fn reserved(t: &Tx, log: &Arc<Log>) {
     assert_eq!(
         t.state(),
         State::Reserved,
         "the reserve callback sees Reserved"
     );
-    RESERVE_CALLS.fetch_add(1, Ordering::SeqCst);
-    log.inline_results.lock().unwrap().clear();
+    log.inline_results
+        .lock()
+        .unwrap()
+        .push(dmatx::Completion::MoreProcessingRequired);
     *log.inside.lock().unwrap() = true;
 }
 
-static RESERVE_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// Reserve callbacks run with this log as their context so far.
+fn reserve_calls(log: &Log) -> usize {
+    log.inline_results.lock().unwrap().len()
+}
 
 fn packet_v3(sim: &dmatx_sim::SimPlatform, n_max: u64) -> dmatx::Enabler<dmatx_sim::SimPlatform> {
     enabler(sim, Profile::Packet64, n_max, DmaVersion::V3)
@@ -93,7 +97,6 @@ fn stmt_095_reserve_callback_runs_once_with_its_context_now_or_when_registers_fr
     // Free now: the callback runs before allocate_resources returns.
     let t = Tx::create(&e).unwrap();
     let log = Log::tagged(7);
-    let before = RESERVE_CALLS.load(Ordering::SeqCst);
     t.allocate_resources(W, 4, reserved, log.clone()).unwrap();
     assert!(took_reserve(&log));
     assert_eq!(adapter.free_registers(), 4);
@@ -106,7 +109,11 @@ fn stmt_095_reserve_callback_runs_once_with_its_context_now_or_when_registers_fr
     assert_eq!(adapter.queued(), 1);
     t.free_resources().unwrap();
     assert!(took_reserve(&other), "granted when t's registers came back");
-    assert_eq!(RESERVE_CALLS.load(Ordering::SeqCst) - before, 2);
+    assert_eq!(
+        (reserve_calls(&log), reserve_calls(&other)),
+        (1, 1),
+        "once each"
+    );
     assert_eq!(adapter.free_registers(), 2);
     u.free_resources().unwrap();
     drop((t, u));
@@ -346,5 +353,71 @@ fn single_transfer_checks_against_the_reservation() {
         "a failed initialize keeps the reservation"
     );
     t.free_resources().unwrap();
+    assert_clean(&sim);
+}
+
+#[test]
+fn freeing_a_queued_reservation_lets_the_requests_behind_it_run() {
+    let sim = sim(8);
+    let e = packet_v3(&sim, 1 << 20);
+    let adapter = e.adapter(W).unwrap().clone();
+    let (a, t, u) = (
+        Tx::create(&e).unwrap(),
+        Tx::create(&e).unwrap(),
+        Tx::create(&e).unwrap(),
+    );
+    let (la, lt, lu) = (Log::new(), Log::new(), Log::new());
+    a.allocate_resources(W, 4, reserved, la.clone()).unwrap();
+    t.allocate_resources(W, 6, reserved, lt.clone()).unwrap();
+    u.allocate_resources(W, 2, reserved, lu.clone()).unwrap();
+    assert_eq!(adapter.queued(), 2, "t waits for 6, u behind it");
+    t.free_resources().unwrap();
+    assert_eq!(adapter.queued(), 0);
+    assert!(
+        took_reserve(&lu),
+        "u's 2 registers fit once t's request is gone"
+    );
+    assert!(!took_reserve(&lt));
+    for x in [&a, &u] {
+        x.free_resources().unwrap();
+    }
+    drop((a, t, u));
+    assert_clean(&sim);
+}
+
+/// A request binding that records the calls it gets.
+#[derive(Default)]
+struct Binding(std::sync::Mutex<Vec<bool>>);
+
+impl dmatx::RequestBinding for Binding {
+    fn set_dma_active(&self, active: bool) {
+        self.0.lock().unwrap().push(active);
+    }
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
+#[test]
+fn a_refused_reservation_keeps_the_request_binding() {
+    let sim = sim(8);
+    let t = Tx::create(&packet_v3(&sim, 1 << 20)).unwrap();
+    let binding = Arc::new(Binding::default());
+    t.initialize_with_request(record, W, buffer(&sim, 4096, 0), 0, 4096, binding.clone())
+        .unwrap();
+    assert_eq!(
+        t.allocate_resources(W, 9, reserved, Log::new()).err(),
+        Some(Error::InsufficientResources)
+    );
+    assert!(
+        t.request().is_some(),
+        "the binding stays for the driver to find"
+    );
+    assert!(
+        binding.0.lock().unwrap().is_empty(),
+        "never executed, never active"
+    );
+    t.release().unwrap();
+    assert!(t.request().is_none());
     assert_clean(&sim);
 }

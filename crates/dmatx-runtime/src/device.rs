@@ -115,7 +115,7 @@ impl<P: Platform> DmaPower for DmaDevice<P> {
 /// What power and delete need of a queue.
 pub(crate) trait QueueControl: Send + Sync {
     /// Start (`true`) or stop (`false`) a power-managed queue; others ignore it.
-    fn set_powered(&self, on: bool);
+    fn set_powered(&self, switch: Switch);
     /// Delete: complete waiting requests with `Cancelled` and cancel delivered ones.
     fn purge(&self);
 }
@@ -123,16 +123,43 @@ pub(crate) trait QueueControl: Send + Sync {
 /// What power and delete need of an interrupt or a timer.
 pub(crate) trait WorkerControl: Send + Sync {
     /// Enable or disable (interrupts only).
-    fn set_enabled(&self, _on: bool) {}
+    fn set_enabled(&self, _switch: Switch) {}
     /// Delete: refuse further calls, stop the worker thread and join it (unless called on it).
     fn shutdown(&self);
 }
 
+/// A power-driven on/off setting with the generation that produced it. The device bumps the
+/// generation under its lock at each change; an object applies a switch only if it is not
+/// older than the last one it applied, so an object created during a transition (which reads
+/// the current switch when it registers) can never be left with a stale value by a change
+/// that raced its registration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Switch {
+    pub(crate) generation: u64,
+    pub(crate) on: bool,
+}
+
+impl Switch {
+    /// Apply `self` to `current` if it is not older; whether it was applied.
+    pub(crate) fn apply_to(self, current: &mut Switch) -> bool {
+        if self.generation >= current.generation {
+            *current = self;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 struct DevState<X> {
     power: PowerState,
+    /// The interrupts' and the power-managed queues' current switches.
+    interrupts_on: Switch,
+    queues_on: Switch,
     deleted: bool,
     started_once: bool,
     callbacks: PnpPowerCallbacks<X>,
+    cleanup: Option<fn(&Device<X>)>,
     dma: Vec<Arc<dyn DmaPower>>,
     queues: Vec<Weak<dyn QueueControl>>,
     interrupts: Vec<Weak<dyn WorkerControl>>,
@@ -188,7 +215,10 @@ impl AllocationFaults {
 /// Queues, interrupts and timers hold their device; the device reaches them only weakly, so
 /// dropping every handle frees everything and joins every worker thread. A context that holds
 /// the device's own objects (a common pattern: the interrupt in the device context) forms a
-/// cycle that only [`Device::delete`] breaks.
+/// reference cycle. [`Device::delete`] stops those objects and returns every platform resource,
+/// but their memory and the context's stay until the cycle is broken: keep such handles in a
+/// slot the driver empties in its cleanup callback ([`Device::set_cleanup_callback`], WDF's
+/// `EvtCleanupCallback`), which delete runs last.
 pub struct Device<X> {
     pub(crate) shared: Arc<DeviceShared<X>>,
 }
@@ -242,9 +272,12 @@ impl<X: Send + Sync + 'static> Device<X> {
                 transition: AtomicBool::new(false),
                 state: Mutex::new(DevState {
                     power: PowerState::D3,
+                    interrupts_on: Switch::default(),
+                    queues_on: Switch::default(),
                     deleted: false,
                     started_once: false,
                     callbacks: PnpPowerCallbacks::default(),
+                    cleanup: None,
                     dma: Vec::new(),
                     queues: Vec::new(),
                     interrupts: Vec::new(),
@@ -303,7 +336,9 @@ impl<X: Send + Sync + 'static> Device<X> {
     /// would miss its power-up).
     pub fn attach_dma<P: Platform>(&self, dma: &DmaDevice<P>) -> Result<()> {
         let mut st = lock(&self.shared.state);
-        if st.deleted || st.power == PowerState::D0 {
+        // ORDERING: a transition sets the flag before it reads `dma` under this lock.
+        let transitioning = self.shared.transition.load(Ordering::Acquire);
+        if st.deleted || st.power == PowerState::D0 || transitioning {
             return Err(Error::InvalidDeviceState);
         }
         st.dma.push(Arc::new(dma.clone()));
@@ -320,27 +355,33 @@ impl<X: Send + Sync + 'static> Device<X> {
     }
 
     fn set_interrupts(&self, on: bool) {
-        for i in self.live(|st| &st.interrupts) {
-            i.set_enabled(on);
+        let (switch, interrupts) = {
+            let mut st = lock(&self.shared.state);
+            st.interrupts_on = Switch {
+                generation: st.interrupts_on.generation + 1,
+                on,
+            };
+            let live: Vec<_> = st.interrupts.iter().filter_map(Weak::upgrade).collect();
+            (st.interrupts_on, live)
+        };
+        for i in interrupts {
+            i.set_enabled(switch);
         }
     }
 
     fn set_queues(&self, on: bool) {
-        let queues: Vec<_> = {
-            let st = lock(&self.shared.state);
-            st.queues.iter().filter_map(Weak::upgrade).collect()
+        let (switch, queues) = {
+            let mut st = lock(&self.shared.state);
+            st.queues_on = Switch {
+                generation: st.queues_on.generation + 1,
+                on,
+            };
+            let live: Vec<_> = st.queues.iter().filter_map(Weak::upgrade).collect();
+            (st.queues_on, live)
         };
         for q in queues {
-            q.set_powered(on);
+            q.set_powered(switch);
         }
-    }
-
-    fn live(
-        &self,
-        pick: impl Fn(&DevState<X>) -> &Vec<Weak<dyn WorkerControl>>,
-    ) -> Vec<Arc<dyn WorkerControl>> {
-        let st = lock(&self.shared.state);
-        pick(&st).iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Bring the device to D0, running the power-up order of the module documentation.
@@ -496,7 +537,27 @@ impl<X: Send + Sync + 'static> Device<X> {
         for d in dma.iter().rev() {
             d.delete();
         }
+        let cleanup = lock(&self.shared.state).cleanup.take();
+        if let Some(cleanup) = cleanup {
+            cleanup(self);
+        }
         powered_down
+    }
+
+    /// Set the cleanup callback (`EvtCleanupCallback` of the device's object attributes): run
+    /// once, last, by [`Device::delete`], after every queue, interrupt and timer has stopped
+    /// and the DMA devices are deleted. Drop the handles of the device's objects that the
+    /// context keeps here, so the context and they are freed when the last device handle goes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceState`] after delete.
+    pub fn set_cleanup_callback(&self, cleanup: fn(&Device<X>)) -> Result<()> {
+        let mut st = lock(&self.shared.state);
+        if st.deleted {
+            return Err(Error::InvalidDeviceState);
+        }
+        st.cleanup = Some(cleanup);
+        Ok(())
     }
 
     /// Register a queue; `Ok(powered)` says whether it may deliver now.
@@ -504,25 +565,32 @@ impl<X: Send + Sync + 'static> Device<X> {
         &self,
         queue: Weak<dyn QueueControl>,
         power_managed: bool,
-    ) -> Result<bool> {
+    ) -> Result<Switch> {
         let mut st = lock(&self.shared.state);
         if st.deleted {
             return Err(Error::InvalidDeviceState);
         }
         st.queues.retain(|q| q.strong_count() > 0);
         st.queues.push(queue);
-        Ok(!power_managed || st.power == PowerState::D0)
+        Ok(if power_managed {
+            st.queues_on
+        } else {
+            Switch {
+                generation: 0,
+                on: true,
+            }
+        })
     }
 
     /// Register an interrupt; `Ok(enabled)` says whether it starts enabled (device in D0).
-    pub(crate) fn register_interrupt(&self, interrupt: Weak<dyn WorkerControl>) -> Result<bool> {
+    pub(crate) fn register_interrupt(&self, interrupt: Weak<dyn WorkerControl>) -> Result<Switch> {
         let mut st = lock(&self.shared.state);
         if st.deleted {
             return Err(Error::InvalidDeviceState);
         }
         st.interrupts.retain(|i| i.strong_count() > 0);
         st.interrupts.push(interrupt);
-        Ok(st.power == PowerState::D0)
+        Ok(st.interrupts_on)
     }
 
     /// Register a timer.

@@ -5,6 +5,7 @@
 //! [`Interrupt::raise`] when the line is raised. The ISR runs on that thread, under the
 //! interrupt lock; DPCs run on a worker thread the interrupt owns.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use dmatx::{Error, Result};
 
-use crate::device::{Device, WorkerControl};
+use crate::device::{Device, Switch, WorkerControl};
 use crate::sync::{OwnedGuard, OwnedLock, lock, misuse, verify, wait, wait_for};
 
 /// The ISR (`EvtInterruptIsr`): the interrupt and the message ID; returns whether the device
@@ -101,9 +102,11 @@ struct Core {
     /// The interrupt lock.
     lock: OwnedLock,
     enabled: AtomicBool,
+    /// The device's interrupt switch this interrupt last applied (under the interrupt lock).
+    switch: Mutex<Switch>,
     deleted: AtomicBool,
     /// Message IDs raised while the raising thread held the interrupt lock.
-    deferred: Mutex<Vec<u32>>,
+    deferred: Mutex<VecDeque<u32>>,
     dpc: Mutex<DpcState>,
     dpc_changed: Condvar,
     counters: Counters,
@@ -187,15 +190,15 @@ impl<X: Send + Sync + 'static> Interrupt<X> {
         *lock(&shared.worker_id) = Some(worker.thread().id());
         *lock(&shared.worker) = Some(worker);
         let control: Weak<dyn WorkerControl> = Arc::downgrade(&shared) as Weak<dyn WorkerControl>;
-        let enabled = match device.register_interrupt(control) {
-            Ok(enabled) => enabled,
+        let switch = match device.register_interrupt(control) {
+            Ok(switch) => switch,
             Err(e) => {
                 shared.shutdown();
                 return Err(e);
             }
         };
-        // ORDERING: set before the handle is published; `raise` reads it under the lock.
-        shared.core.enabled.store(enabled, Ordering::Relaxed);
+        // A power change racing this registration carries a newer generation and wins.
+        shared.apply(switch);
         Ok(Self { shared })
     }
 
@@ -237,7 +240,7 @@ impl<X: Send + Sync + 'static> Interrupt<X> {
         self.check_alive()?;
         let core = &self.shared.core;
         let Some(guard) = core.lock.acquire() else {
-            lock(&core.deferred).push(message_id);
+            lock(&core.deferred).push_back(message_id);
             bump(&core.counters.raises_deferred);
             return Ok(false);
         };
@@ -258,7 +261,7 @@ impl<X: Send + Sync + 'static> Interrupt<X> {
 
     fn deliver_deferred(&self) {
         loop {
-            let next = lock(&self.shared.core.deferred).pop();
+            let next = lock(&self.shared.core.deferred).pop_front();
             match next {
                 Some(m) => {
                     let _ = self.raise(m);
@@ -410,20 +413,32 @@ impl<X> InterruptShared<X> {
 }
 
 impl<X: Send + Sync + 'static> WorkerControl for InterruptShared<X> {
-    fn set_enabled(&self, on: bool) {
-        // Under the interrupt lock, so no ISR runs after a disable returns. A thread that holds
-        // the lock itself (a power callback called from `synchronize`) sets it directly.
-        let guard = self.core.lock.acquire();
-        // ORDERING: read under the interrupt lock in `raise`.
-        self.core.enabled.store(on, Ordering::Relaxed);
-        drop(guard);
+    fn set_enabled(&self, switch: Switch) {
+        self.apply(switch);
     }
 
     fn shutdown(&self) {
         // ORDERING: Release pairs with the Acquire in `check_alive`.
         self.core.deleted.store(true, Ordering::Release);
-        self.set_enabled(false);
+        self.apply(Switch {
+            generation: u64::MAX,
+            on: false,
+        });
         self.stop_worker();
+    }
+}
+
+impl<X> InterruptShared<X> {
+    /// Enable or disable unless a newer switch was applied. Under the interrupt lock, so no ISR
+    /// runs after a disable returns; a thread that holds the lock itself (a power callback
+    /// called from `synchronize`) sets it directly.
+    fn apply(&self, switch: Switch) {
+        let guard = self.core.lock.acquire();
+        if switch.apply_to(&mut lock(&self.core.switch)) {
+            // ORDERING: read under the interrupt lock in `raise`.
+            self.core.enabled.store(switch.on, Ordering::Relaxed);
+        }
+        drop(guard);
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 use dmatx::hal::MemoryDescriptor;
 use dmatx::{Error, Result};
 
-use crate::device::{Device, QueueControl};
+use crate::device::{Device, QueueControl, Switch};
 use crate::ioctl::IoctlCode;
 use crate::request::{
     Phase, QueueLink, Request, RequestHandle, RequestKind, RequestShared, RequestSpec,
@@ -95,6 +95,8 @@ struct QueueState<M> {
     dispatching: bool,
     /// Delivering: not power-managed, or the device is in D0; and not deleted.
     powered: bool,
+    /// The device's power switch this queue last applied.
+    switch: Switch,
     deleted: bool,
 }
 
@@ -165,13 +167,20 @@ where
                 current: None,
                 dispatching: false,
                 powered: false,
+                switch: Switch::default(),
                 deleted: false,
             }),
             this: this.clone(),
         });
         let control: Weak<dyn QueueControl> = shared.this.clone();
-        let powered = device.register_queue(control, config.power_managed)?;
-        lock(&shared.state).powered = powered;
+        let switch = device.register_queue(control, config.power_managed)?;
+        {
+            // A power change racing this registration carries a newer generation and wins.
+            let mut st = lock(&shared.state);
+            if switch.apply_to(&mut st.switch) {
+                st.powered = switch.on;
+            }
+        }
         Ok(Self { shared })
     }
 
@@ -374,18 +383,18 @@ where
     X: Send + Sync + 'static,
     M: MemoryDescriptor + Sync,
 {
-    fn set_powered(&self, on: bool) {
+    fn set_powered(&self, switch: Switch) {
         if !self.config.power_managed {
             return;
         }
         {
             let mut st = lock(&self.state);
-            if st.deleted {
+            if st.deleted || !switch.apply_to(&mut st.switch) {
                 return;
             }
-            st.powered = on;
+            st.powered = switch.on;
         }
-        if on {
+        if switch.on {
             self.dispatch();
         }
     }

@@ -13,7 +13,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -169,7 +169,8 @@ pub(crate) struct RequestShared<M> {
     queue: Weak<dyn QueueLink<M>>,
     state: Mutex<ReqState<M>>,
     done: Condvar,
-    dma_active: AtomicBool,
+    /// Transactions executing on this request's memory (a request can back several).
+    dma_active: AtomicU32,
     refused: AtomicU64,
 }
 
@@ -300,7 +301,7 @@ impl<M: MemoryDescriptor + Sync> RequestShared<M> {
                 completed: None,
             }),
             done: Condvar::new(),
-            dma_active: AtomicBool::new(false),
+            dma_active: AtomicU32::new(0),
             refused: AtomicU64::new(0),
         })
     }
@@ -514,7 +515,7 @@ impl<M: MemoryDescriptor + Sync> Request<M> {
         }
         // ORDERING: Acquire pairs with the Release in `set_dma_active(false)`, so the end of
         // the transaction's use of the buffers happens-before the completion.
-        if self.shared.dma_active.load(Ordering::Acquire) {
+        if self.shared.dma_active.load(Ordering::Acquire) != 0 {
             return Err(misuse(
                 REQUEST,
                 CALL,
@@ -679,8 +680,14 @@ where
     M: MemoryDescriptor + Sync,
 {
     fn set_dma_active(&self, active: bool) {
-        // ORDERING: Release publishes the transaction's work to a completer's Acquire load.
-        self.dma_active.store(active, Ordering::Release);
+        // ORDERING: Release pairs with the Acquire in `complete`, so the end of every DMA on
+        // the request's memory happens-before its completion.
+        if active {
+            self.dma_active.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let before = self.dma_active.fetch_sub(1, Ordering::AcqRel);
+            debug_assert!(before > 0, "set_dma_active(false) without a matching true");
+        }
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

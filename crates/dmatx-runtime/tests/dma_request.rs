@@ -377,3 +377,31 @@ fn stmt_055_the_verifier_panics_and_the_transaction_finishes_normally() {
     drop((h, r, rig));
     assert_clean(&sim);
 }
+
+#[test]
+fn stmt_055_holds_while_any_of_two_transactions_on_the_request_executes() {
+    // A request can back two transactions (e.g. its buffer split in halves): completing it is
+    // refused until both have finished, not just the first.
+    let rig = rig();
+    let (h, r) = rig.submit(RequestSpec::read(rig.buf(4096)));
+    let second = Tx::create(&rig.tx.enabler()).unwrap();
+    rig.init(&r, Direction::ReadFromDevice).unwrap();
+    initialize_using_request(&second, &r, program, Direction::ReadFromDevice).unwrap();
+    let log = Arc::new(Programs::default());
+    rig.tx.execute(Arc::clone(&log)).unwrap();
+    second.execute(Arc::clone(&log)).unwrap();
+    assert_eq!(rig.tx.dma_completed(), Ok(Completion::Finished(Ok(()))));
+    assert!(
+        r.complete(Ok(())).is_err(),
+        "the second transaction still executes"
+    );
+    assert_eq!(second.dma_completed(), Ok(Completion::Finished(Ok(()))));
+    r.complete(Ok(())).unwrap();
+    assert_eq!(h.refused_completions(), 1);
+    second.release().unwrap();
+    rig.tx.release().unwrap();
+    rig.queue.device().delete().unwrap();
+    let sim = rig.sim.clone();
+    drop((h, r, second, rig));
+    assert_clean(&sim);
+}

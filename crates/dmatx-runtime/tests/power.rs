@@ -414,3 +414,104 @@ fn a_failed_power_down_step_still_runs_the_rest() {
     assert_eq!(r.dev.power_state(), PowerState::D3);
     r.finish();
 }
+
+/// A context that keeps an interrupt created during power-up.
+#[derive(Default)]
+struct Late {
+    interrupt: std::sync::Mutex<Option<dmatx_runtime::Interrupt<Late>>>,
+}
+
+fn late_isr(_: &dmatx_runtime::Interrupt<Late>, _: u32) -> bool {
+    true
+}
+
+fn create_interrupt_late(device: &Device<Late>) -> dmatx::Result<()> {
+    let interrupt = dmatx_runtime::Interrupt::create(
+        device,
+        dmatx_runtime::InterruptConfig {
+            isr: late_isr,
+            dpc: None,
+        },
+    )?;
+    *device.context().interrupt.lock().unwrap() = Some(interrupt);
+    Ok(())
+}
+
+#[test]
+fn an_interrupt_created_after_interrupts_are_enabled_is_enabled_in_d0() {
+    // Created in EvtDeviceD0EntryPostInterruptsEnabled: the device's interrupts are already
+    // on, so the new one must be too (and off again after power-down).
+    let device = Device::new(Late::default());
+    device
+        .set_pnp_power_callbacks(PnpPowerCallbacks {
+            d0_entry_post_interrupts_enabled: Some(create_interrupt_late),
+            ..PnpPowerCallbacks::default()
+        })
+        .unwrap();
+    device.power_up().unwrap();
+    let interrupt = device.context().interrupt.lock().unwrap().take().unwrap();
+    assert!(interrupt.is_enabled());
+    assert_eq!(interrupt.raise(0), Ok(true), "the ISR runs");
+    device.power_down().unwrap();
+    assert!(!interrupt.is_enabled());
+    device.delete().unwrap();
+}
+
+/// Set when the `Cyclic` context is freed (only one test makes one).
+static LATE_FREED: AtomicBool = AtomicBool::new(false);
+
+struct Freed;
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        LATE_FREED.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A context holding its own device's interrupt: a reference cycle.
+struct Cyclic {
+    interrupt: std::sync::Mutex<Option<dmatx_runtime::Interrupt<Cyclic>>>,
+    _freed: Freed,
+}
+
+fn cyclic_isr(_: &dmatx_runtime::Interrupt<Cyclic>, _: u32) -> bool {
+    false
+}
+
+fn cyclic_cleanup(device: &Device<Cyclic>) {
+    drop(device.context().interrupt.lock().unwrap().take());
+}
+
+#[test]
+fn the_cleanup_callback_runs_last_at_delete_and_breaks_a_context_cycle() {
+    let device = Device::new(Cyclic {
+        interrupt: std::sync::Mutex::new(None),
+        _freed: Freed,
+    });
+    let interrupt = dmatx_runtime::Interrupt::create(
+        &device,
+        dmatx_runtime::InterruptConfig {
+            isr: cyclic_isr,
+            dpc: None,
+        },
+    )
+    .unwrap();
+    *device.context().interrupt.lock().unwrap() = Some(interrupt);
+    device.set_cleanup_callback(cyclic_cleanup).unwrap();
+    device.power_up().unwrap();
+    assert!(
+        device.context().interrupt.lock().unwrap().is_some(),
+        "not before delete"
+    );
+    device.delete().unwrap();
+    assert!(
+        device.context().interrupt.lock().unwrap().is_none(),
+        "cleanup ran"
+    );
+    assert_eq!(
+        device.set_cleanup_callback(cyclic_cleanup),
+        Err(Error::InvalidDeviceState)
+    );
+    drop(device);
+    assert!(LATE_FREED.load(Ordering::SeqCst), "the context was freed");
+}

@@ -24,8 +24,8 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use std::time::Duration;
 
 use dmatx::{
@@ -113,7 +113,11 @@ pub struct Driver {
     pub dma: DmaDevice<SimPlatform>,
     pub enabler: Enabler<SimPlatform>,
     pub hw: SimDmaDevice,
-    pub interrupt: OnceLock<Interrupt<Driver>>,
+    /// Emptied by the cleanup callback, which breaks the device → context → interrupt →
+    /// device cycle.
+    pub interrupt: Mutex<Option<Interrupt<Driver>>>,
+    /// Set when the context is freed.
+    dropped: Arc<AtomicBool>,
     pub counters: Counters,
     kept: Mutex<Vec<Arc<Tx>>>,
     kept_returned: Condvar,
@@ -129,6 +133,7 @@ pub struct Driver {
 pub struct Sample {
     pub device: Device<Driver>,
     pub queue: Queue<Driver, SimBuffer>,
+    dropped: Arc<AtomicBool>,
 }
 
 impl Sample {
@@ -153,12 +158,14 @@ impl Sample {
         let kept: Vec<_> = (0..setup.kept)
             .map(|_| Tx::create(&enabler).expect("kept transaction at device add"))
             .collect();
+        let dropped = Arc::new(AtomicBool::new(false));
         let driver = Driver {
             sim,
             dma: dma.clone(),
             enabler,
             hw: hw.clone(),
-            interrupt: OnceLock::new(),
+            interrupt: Mutex::new(None),
+            dropped: Arc::clone(&dropped),
             counters: Counters::default(),
             kept: Mutex::new(kept),
             kept_returned: Condvar::new(),
@@ -183,10 +190,8 @@ impl Sample {
         )
         .expect("interrupt");
         let raiser = interrupt.clone();
-        assert!(
-            device.context().interrupt.set(interrupt).is_ok(),
-            "the interrupt is set once"
-        );
+        *device.context().interrupt.lock().unwrap() = Some(interrupt);
+        device.set_cleanup_callback(cleanup).expect("cleanup");
         // The device "raises its line" for each completed transfer.
         let ctx_device = device.clone();
         hw.set_completion_handler(move |c| {
@@ -202,7 +207,11 @@ impl Sample {
         qc.device_control = Some(on_ioctl);
         let queue = Queue::create(&device, qc).expect("queue");
         device.power_up().expect("power up");
-        Self { device, queue }
+        Self {
+            device,
+            queue,
+            dropped,
+        }
     }
 
     pub fn driver(&self) -> &Driver {
@@ -248,7 +257,7 @@ impl Sample {
     }
 
     pub fn wait_dpcs(&self) {
-        let interrupt = self.driver().interrupt.get().unwrap();
+        let interrupt = self.driver().interrupt.lock().unwrap().clone().unwrap();
         assert!(
             interrupt.wait_dpc_idle(Duration::from_secs(10)),
             "DPCs idle"
@@ -277,11 +286,27 @@ impl Sample {
         self.driver().hw.clear_completion_handler();
         self.device.power_down().expect("power down");
         self.device.delete().expect("delete");
+        let dropped = Arc::clone(&self.dropped);
         drop(self.queue);
         drop(self.device);
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "the device context was freed"
+        );
         if let Err(e) = sim.check_clean() {
             panic!("platform not clean: {e}");
         }
+    }
+}
+
+/// The cleanup callback: drop the interrupt the context keeps.
+fn cleanup(device: &Device<Driver>) {
+    drop(device.context().interrupt.lock().unwrap().take());
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::Release);
     }
 }
 

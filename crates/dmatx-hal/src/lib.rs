@@ -218,7 +218,12 @@ impl Segment<'_> {
 /// * the segments and frames it reports never change while the value exists (moving the value
 ///   does not move the bytes);
 /// * the segment count and lengths are consistent: `frames.len()` equals the pages spanned by
-///   `va .. va + length`.
+///   `va .. va + length`;
+/// * it never lends Rust references (`&[u8]`, `&mut [u8]`) to the bytes it describes while a
+///   device may access them: its own accessors copy through raw pointers. Several values may
+///   describe the same bytes (dmatx-runtime's `RequestMemory` shares one request buffer
+///   between the issuer and the transactions that use it, as two MDLs may describe the same
+///   pages), which is sound only because no reference to the bytes ever exists.
 ///
 /// The core relies on this to hand the frames to a device while it owns the value.
 pub unsafe trait MemoryDescriptor: Send + 'static {

@@ -123,7 +123,11 @@
 //! # Contracts
 //! * **Every request completes exactly once.** On every path: the driver's completion, the
 //!   default completion of a request type without a handler, cancellation while queued,
-//!   deletion of the queue or the device ([`dmatx::Error::Cancelled`]).
+//!   deletion of the queue or the device ([`dmatx::Error::Cancelled`]). One exception, on
+//!   purpose: a request whose DMA transfer is still running when its transaction (or the
+//!   device) is deleted is never completed, because the device may still write its memory.
+//!   Stop the device's DMA (in the power-down callbacks, or by completing every transfer)
+//!   before deleting.
 //! * **Misuse.** Where WDF bug-checks (completing twice, completing while the bound DMA
 //!   transaction executes, unmarking a request never marked cancelable, …) the call returns
 //!   [`dmatx::Error::ObjectMisuse`] and leaves the object unchanged; with the device's verifier on

@@ -256,6 +256,9 @@ impl<M> RequestMemory<M> {
 // SAFETY: every method delegates to `M`, which keeps the `MemoryDescriptor` contract. The `M`
 // lives in an `Arc` that this value holds, so it is neither dropped nor moved while this value
 // (or a leaked copy of it) exists: its frames stay its own, and its segments do not change.
+// Clones share the one `M` (several transactions, and the issuer's `RequestHandle`, may
+// describe the same bytes); the contract's last clause makes that sound: `M` lends no Rust
+// reference to its bytes, so a device writing them never races one.
 // `Send + 'static` hold because `M: Send + Sync + 'static` makes `Arc<M>` so.
 unsafe impl<M: MemoryDescriptor + Sync> MemoryDescriptor for RequestMemory<M> {
     fn segment_count(&self) -> usize {

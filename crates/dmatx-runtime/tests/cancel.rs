@@ -250,3 +250,64 @@ fn cancel_of_a_read_before_it_reaches_the_device_leaves_the_buffer_untouched() {
     adapter.restore();
     s.shut_down();
 }
+
+/// Two gates for the before-execute hook: the handler reached it; the test let it go on.
+static AT_EXECUTE: LazyLock<(Mutex<(bool, bool)>, std::sync::Condvar)> =
+    LazyLock::new(Default::default);
+
+/// The request the hook pauses (other tests' requests pass through).
+static PAUSE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+fn pause_before_execute(id: u64) {
+    if id != PAUSE_ID.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let (lock, cv) = &*AT_EXECUTE;
+    let mut st = lock.lock().unwrap();
+    st.0 = true;
+    cv.notify_all();
+    let _st = cv.wait_while(st, |st| !st.1).unwrap();
+}
+
+#[test]
+fn cancel_after_marking_but_before_execute_is_finished_by_program_dma() {
+    // The request is delivered on the thread that powers the device up (the queue held it),
+    // so the issuer already has its handle and can cancel while the handler sits between
+    // mark-cancelable and execute. The cancel callback finds nothing queued; program-DMA then
+    // finds the request unmarkable and finishes with nothing transferred.
+    let s = Sample::new(Setup::default());
+    s.device.power_down().unwrap();
+    let h = s.write_at(0, &pattern(30_000, 5));
+    PAUSE_ID.store(h.id(), std::sync::atomic::Ordering::SeqCst);
+    *sample::EXECUTE_HOOK.lock().unwrap() = Some(pause_before_execute);
+    std::thread::scope(|scope| {
+        scope.spawn(|| s.device.power_up().unwrap());
+        let (lock, cv) = &*AT_EXECUTE;
+        let st = cv.wait_while(lock.lock().unwrap(), |st| !st.0).unwrap();
+        drop(st);
+        assert_eq!(h.cancel(), Ok(true), "the cancel callback ran");
+        assert!(
+            h.try_completed().is_none(),
+            "nothing to withdraw: not completed yet"
+        );
+        lock.lock().unwrap().1 = true;
+        cv.notify_all();
+    });
+    let c = done(&h);
+    assert_eq!((c.status, c.information), (Err(Error::Cancelled), 0));
+    let counters = &s.driver().counters;
+    assert_eq!(
+        counters
+            .cancelled_in_program_dma
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        counters
+            .transfers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the device never started"
+    );
+    s.shut_down();
+}

@@ -433,6 +433,10 @@ fn on_ioctl(
         d.finish(&io, Err(Error::Cancelled));
         return;
     }
+    let hook = *EXECUTE_HOOK.lock().unwrap();
+    if let Some(hook) = hook {
+        hook(request.id());
+    }
     if let Err(e) = transaction.execute(Arc::clone(&io)) {
         // Could not start. If the cancel callback claimed the request meanwhile it finds it
         // done and leaves it alone.
@@ -465,6 +469,9 @@ fn on_cancel(request: &Request<SimBuffer>) {
     // Otherwise program-DMA has run or will run, finds the request cancelled, and finishes.
     drop(done);
 }
+
+/// A test hook run in the handler between marking the request cancelable and executing.
+pub static EXECUTE_HOOK: Mutex<Option<fn(u64)>> = Mutex::new(None);
 
 /// A test hook run at the start of every program-DMA call, with the request's id.
 pub static PROGRAM_HOOK: Mutex<Option<fn(u64)>> = Mutex::new(None);

@@ -262,3 +262,29 @@ fn an_interrupt_held_in_the_device_context_is_stopped_by_delete() {
     assert!(!i.is_enabled());
     assert_eq!(i.stats().dpcs_run, 1);
 }
+
+#[test]
+fn a_raise_from_another_thread_waits_while_the_lock_is_held() {
+    let dev = device(Ctx::default());
+    let i = interrupt(&dev);
+    dev.power_up().unwrap();
+    let guard = i.acquire_lock().unwrap();
+    let raiser = {
+        let i = i.clone();
+        std::thread::spawn(move || i.raise(1).unwrap())
+    };
+    // For 20 ms the ISR must not run: the lock is held on this thread.
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(20);
+    while std::time::Instant::now() < end {
+        assert_eq!(
+            i.stats().isrs,
+            0,
+            "the ISR ran while the interrupt lock was held"
+        );
+        std::thread::yield_now();
+    }
+    drop(guard);
+    raiser.join().unwrap();
+    assert_eq!(i.stats().isrs, 1, "and runs once the lock is released");
+    dev.delete().unwrap();
+}

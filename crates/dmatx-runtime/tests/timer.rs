@@ -100,8 +100,10 @@ fn stop_with_wait_waits_for_a_running_callback() {
     let stopping = Gate::default();
     std::thread::scope(|s| {
         s.spawn(|| {
-            // Release the callback only once the stop below is under way.
+            // Release the callback only once the stop below is under way, and late enough
+            // that a stop which did not wait would certainly have returned first.
             stopping.wait();
+            std::thread::sleep(Duration::from_millis(20));
             ctx.release.open();
         });
         stopping.open();

@@ -60,6 +60,80 @@ pub struct DeviceDescription {
     pub direction: Direction,
     /// Whether the enabler keeps separate read and write adapters.
     pub duplex: bool,
+    /// System-mode DMA: the controller channel to use (`None` for bus-master devices).
+    pub system: Option<SystemChannel>,
+}
+
+/// The width of one system-DMA access to the device (`DMA_WIDTH`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DmaWidth {
+    /// 8 bits.
+    Bits8,
+    /// 16 bits.
+    Bits16,
+    /// 32 bits.
+    Bits32,
+    /// 64 bits.
+    Bits64,
+}
+
+impl DmaWidth {
+    /// Bytes per access.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            DmaWidth::Bits8 => 1,
+            DmaWidth::Bits16 => 2,
+            DmaWidth::Bits32 => 4,
+            DmaWidth::Bits64 => 8,
+        }
+    }
+}
+
+/// A system-mode DMA channel as a driver configures it (`WDF_DMA_SYSTEM_PROFILE_CONFIG` with
+/// the channel and request line of its DMA resource descriptor). A shared system DMA
+/// controller moves the data between memory and the device's FIFO at `device_address`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SystemChannel {
+    /// The controller channel (from the resource descriptor).
+    pub channel: u32,
+    /// The device's request line (from the resource descriptor).
+    pub request_line: u32,
+    /// Demand mode: the controller moves data as the device requests it.
+    pub demand_mode: bool,
+    /// Auto-initialize: the transfer restarts when it ends.
+    pub looped_transfer: bool,
+    /// Width of each access to the device.
+    pub width: DmaWidth,
+    /// Bus address of the device's data register (FIFO).
+    pub device_address: u64,
+}
+
+/// How a system-mode transfer ended, as the controller reports it (`DMA_COMPLETION_STATUS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SystemDmaStatus {
+    /// All mapped bytes moved (`DmaComplete`).
+    Complete,
+    /// The controller failed after moving `moved` bytes (`DmaError`).
+    Error {
+        /// Bytes moved before the error.
+        moved: u64,
+    },
+    /// The transfer was stopped after moving `moved` bytes (`DmaCancelled`).
+    Cancelled {
+        /// Bytes moved before the stop.
+        moved: u64,
+    },
+}
+
+/// What [`Adapter::stop_system`] found (`CancelMappedTransfer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SystemStop {
+    /// A running transfer was stopped; its completion ([`SystemDmaStatus::Cancelled`]) follows.
+    Stopped,
+    /// No transfer of this waiter is running on the channel (never mapped, or already done).
+    NotRunning,
+    /// The running transfer had already been stopped.
+    AlreadyStopped,
 }
 
 impl DeviceDescription {
@@ -94,6 +168,14 @@ pub trait AllocationWaiter: Send + Sync {
     /// request, on whatever thread returned the registers that made the grant possible, with no
     /// adapter lock held.
     fn granted(&self, registers: MapRegisters);
+
+    /// A system-mode transfer mapped by [`Adapter::map_system`] for this waiter ended (the HAL's
+    /// `DMA_COMPLETION_ROUTINE`). Called once per such transfer, never from inside
+    /// `map_system` or `stop_system`, with no adapter lock held. Bus-master waiters never get
+    /// it.
+    fn system_transfer_done(&self, status: SystemDmaStatus) {
+        let _ = status;
+    }
 }
 
 /// A strong handle to an [`AllocationWaiter`]: what a backend keeps while a request is queued.
@@ -322,6 +404,51 @@ pub trait Adapter: Send + Sync + 'static {
     /// Return registers to the pool, ending any live mapping, and grant queued requests that
     /// now fit (calling their waiters on this thread, with no adapter lock held).
     fn free(&self, registers: MapRegisters);
+
+    /// System mode (`MapTransferEx` on a system adapter): map `length` bytes of `buffer` from
+    /// chain offset `offset` as [`Adapter::map`] does, and program the adapter's controller
+    /// channel to move them between memory and the device address plus `device_offset`
+    /// (for a write-to-device transfer, from memory to the device). The registers' grant is the
+    /// channel: a system adapter grants one waiter at a time. When the transfer ends —
+    /// all bytes moved, a controller error, or a stop — the backend calls `waiter`'s
+    /// [`AllocationWaiter::system_transfer_done`] once, later, from its own context (never
+    /// from inside this call). The mapping stays live until [`Adapter::flush`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`] on an adapter that is not system-mode (the default);
+    /// as [`Adapter::map`] otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn map_system<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &MapRegisters,
+        buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+        device_offset: u64,
+        waiter: &WaiterRef,
+        out: &mut [SgElement],
+    ) -> Result<Mapping> {
+        let _ = (
+            registers,
+            buffer,
+            offset,
+            length,
+            direction,
+            device_offset,
+            waiter,
+            out,
+        );
+        Err(Error::InvalidDeviceRequest)
+    }
+
+    /// System mode (`CancelMappedTransfer`): stop `waiter`'s running transfer. The bytes not
+    /// yet moved are not moved, and the transfer's completion reports
+    /// [`SystemDmaStatus::Cancelled`]. Never calls a waiter.
+    fn stop_system(&self, waiter: &WaiterRef) -> SystemStop {
+        let _ = waiter;
+        SystemStop::NotRunning
+    }
 
     /// Allocate `length` bytes of physically contiguous, device-visible memory with page
     /// alignment (`AllocateCommonBuffer`).

@@ -256,6 +256,7 @@ impl SimPlatform {
             version: DmaVersion::V3,
             direction: Direction::ReadFromDevice,
             duplex: false,
+            system: None,
         }
     }
 

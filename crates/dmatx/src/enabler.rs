@@ -426,6 +426,7 @@ impl<P: Platform> Enabler<P> {
                     version,
                     direction,
                     duplex: profile.is_duplex(),
+                    system: None,
                 };
                 let adapter = device
                     .shared()

@@ -5,7 +5,7 @@
 use crate::device::{DeviceShared, DmaDevice};
 use crate::sync::{Arc, AtomicBool, AtomicU32, Mutex, Ordering, Weak};
 use alloc::vec::Vec;
-use dmatx_hal::{Adapter, DeviceDescription, Platform};
+use dmatx_hal::{Adapter, DeviceDescription, DmaWidth, Platform, SystemChannel};
 use dmatx_types::{Direction, DmaVersion, Error, PAGE_SIZE, Profile, Result};
 
 /// KMDF's `WDF_DMA_ENABLER_UNLIMITED_FRAGMENTS`: the initial maximum SG element count.
@@ -232,6 +232,72 @@ pub(crate) trait Child: Send + Sync {
     fn delete_by_parent(&self);
 }
 
+/// The DMA resource a system-mode device was given (the channel and request line of its
+/// `CmResourceTypeDma` descriptor, `WDF_DMA_SYSTEM_PROFILE_CONFIG.DmaDescriptor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DmaDescriptor {
+    /// The system DMA controller channel.
+    pub channel: u32,
+    /// The device's request line.
+    pub request_line: u32,
+}
+
+/// How a system-mode enabler's direction is set up (`WDF_DMA_SYSTEM_PROFILE_CONFIG`).
+///
+/// ```
+/// use dmatx::{DmaDescriptor, SystemProfileConfig};
+/// use dmatx::hal::DmaWidth;
+/// let config = SystemProfileConfig::new(
+///     0x7000_6200,
+///     DmaWidth::Bits8,
+///     DmaDescriptor { channel: 3, request_line: 0x1000 },
+/// );
+/// assert!(config.demand_mode);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SystemProfileConfig {
+    /// The controller moves data as the device requests it (`DemandMode`).
+    pub demand_mode: bool,
+    /// Auto-initialize (`LoopedTransfer`).
+    pub looped_transfer: bool,
+    /// Width of each access to the device (`DmaWidth`).
+    pub width: DmaWidth,
+    /// Bus address of the device's data register (`DeviceAddress`).
+    pub device_address: u64,
+    /// The DMA resource (`DmaDescriptor`); `None` is KMDF's NULL descriptor, refused.
+    pub descriptor: Option<DmaDescriptor>,
+}
+
+impl SystemProfileConfig {
+    /// A demand-mode, non-looped configuration (`WDF_DMA_SYSTEM_PROFILE_CONFIG_INIT` and the
+    /// fields a driver then sets).
+    pub const fn new(device_address: u64, width: DmaWidth, descriptor: DmaDescriptor) -> Self {
+        Self {
+            demand_mode: true,
+            looped_transfer: false,
+            width,
+            device_address,
+            descriptor: Some(descriptor),
+        }
+    }
+
+    /// Check a raw configuration's size (`WDF_DMA_SYSTEM_PROFILE_CONFIG.Size`) and take the
+    /// typed one.
+    ///
+    /// # Errors
+    /// [`Error::InfoLengthMismatch`] if `size` is not [`SystemProfileConfig::RAW_SIZE`].
+    pub const fn from_raw(size: u32, config: Self) -> Result<Self> {
+        if size == Self::RAW_SIZE {
+            Ok(config)
+        } else {
+            Err(Error::InfoLengthMismatch)
+        }
+    }
+
+    /// The size KMDF expects in `WDF_DMA_SYSTEM_PROFILE_CONFIG.Size` (x64).
+    pub const RAW_SIZE: u32 = 0x20;
+}
+
 /// One per-direction adapter record (spec §1.1).
 pub(crate) struct AdapterRecord<A> {
     pub(crate) adapter: A,
@@ -249,12 +315,16 @@ pub(crate) struct EnablerShared<P: Platform> {
     pub(crate) maximum_length: u64,
     pub(crate) require_single_transfer: bool,
     pub(crate) verifier: bool,
-    /// Read record (index 0) and, for duplex enablers, the write record (index 1).
-    pub(crate) records: [Option<AdapterRecord<P::Adapter>>; 2],
+    /// Read record (index 0) and, for duplex enablers, the write record (index 1). Set at
+    /// creation for bus-master profiles, by `configure_system_profile` for system ones; never
+    /// changed once set, so they are read without a lock.
+    pub(crate) records: [spin::Once<AdapterRecord<P::Adapter>>; 2],
     max_sg_elements: AtomicU32,
     /// Common-buffer alignment mask (max of device and platform requirements).
     pub(crate) common_buffer_alignment: u64,
     pub(crate) power: Mutex<PowerRecord<P>>,
+    /// Serialises `configure_system_profile` (each record is set once).
+    configuring: Mutex<()>,
     /// Transactions and common buffers, deleted with the enabler.
     children: Mutex<Vec<Weak<dyn Child>>>,
     deleted: AtomicBool,
@@ -268,7 +338,7 @@ impl<P: Platform> EnablerShared<P> {
         } else {
             0
         };
-        self.records[index].as_ref()
+        self.records[index].get()
     }
 
     /// Add a child to delete with the enabler.
@@ -316,8 +386,23 @@ impl<P: Platform> EnablerShared<P> {
             child.delete_by_parent();
         }
         // Withdrawn requests may have been blocking others (another device's) that fit now.
-        for record in self.records.iter().flatten() {
+        for record in self.configured_records() {
             record.adapter.dispatch_queued();
+        }
+    }
+
+    /// The records that are set.
+    pub(crate) fn configured_records(&self) -> impl Iterator<Item = &AdapterRecord<P::Adapter>> {
+        self.records.iter().filter_map(spin::Once::get)
+    }
+
+    /// Whether every direction the profile needs has its adapter (always, for bus-master
+    /// profiles; after `configure_system_profile` for each direction, for system ones).
+    pub(crate) fn is_configured(&self) -> bool {
+        if self.profile.is_duplex() {
+            self.records.iter().all(|r| r.is_completed())
+        } else {
+            self.records[0].is_completed()
         }
     }
 
@@ -450,6 +535,7 @@ impl<P: Platform> Enabler<P> {
         let common_buffer_alignment = records[0]
             .as_ref()
             .map_or(0, |r| r.adapter.alignment_requirement());
+        let records = records.map(|r| r.map_or_else(spin::Once::new, spin::Once::initialized));
         let enabler = Self {
             shared: Arc::new(EnablerShared {
                 device: Arc::clone(device.shared()),
@@ -470,10 +556,86 @@ impl<P: Platform> Enabler<P> {
                 }),
                 children: Mutex::new(Vec::new()),
                 deleted: AtomicBool::new(false),
+                configuring: Mutex::new(()),
             }),
         };
         device.shared().adopt(Arc::downgrade(&enabler.shared))?;
         Ok(enabler)
+    }
+
+    /// Give a system-mode enabler its controller channel for `direction`
+    /// (`WdfDmaEnablerConfigureSystemProfile`, normally from `EvtDevicePrepareHardware`). A
+    /// simplex enabler has one channel and ignores `direction`; a duplex one is configured
+    /// once per direction. Transactions can be created once every direction is configured.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] on a bus-master enabler, for a `None` descriptor (statement
+    /// 14), or when the direction already has its channel (13); [`Error::Unsuccessful`] if the
+    /// platform has no such channel or request line, or grants fewer than two map registers;
+    /// [`Error::InvalidDeviceState`] after the device was deleted.
+    pub fn configure_system_profile(
+        &self,
+        config: SystemProfileConfig,
+        direction: Direction,
+    ) -> Result<()> {
+        let shared = &self.shared;
+        if !shared.profile.is_system() {
+            return Err(Error::InvalidParameter);
+        }
+        let Some(descriptor) = config.descriptor else {
+            return Err(Error::InvalidParameter);
+        };
+        if shared.is_deleted() {
+            return Err(Error::InvalidDeviceState);
+        }
+        let index = if shared.profile.is_duplex() {
+            direction.index()
+        } else {
+            0
+        };
+        let _configuring = shared.configuring.lock();
+        if shared.records[index].is_completed() {
+            return Err(Error::InvalidParameter);
+        }
+        let description = DeviceDescription {
+            bus_master: false,
+            scatter_gather: true,
+            address_bits: shared.address_bits,
+            maximum_length: shared.maximum_length,
+            version: shared.version,
+            direction,
+            duplex: shared.profile.is_duplex(),
+            system: Some(SystemChannel {
+                channel: descriptor.channel,
+                request_line: descriptor.request_line,
+                demand_mode: config.demand_mode,
+                looped_transfer: config.looped_transfer,
+                width: config.width,
+                device_address: config.device_address,
+            }),
+        };
+        let adapter = shared
+            .device
+            .platform
+            .adapter(&description)
+            .map_err(|_| Error::Unsuccessful)?;
+        let n = adapter.map_register_count();
+        if n < 2 {
+            return Err(Error::Unsuccessful);
+        }
+        let fragment_length = shared.maximum_length.min(u64::from(n - 1) * PAGE_SIZE);
+        shared.records[index].call_once(|| AdapterRecord {
+            adapter,
+            map_registers: n,
+            fragment_length,
+        });
+        Ok(())
+    }
+
+    /// Whether every direction has its adapter: always for bus-master profiles, after
+    /// [`Enabler::configure_system_profile`] for system ones.
+    pub fn is_configured(&self) -> bool {
+        self.shared.is_configured()
     }
 
     /// Set the enabler's power callbacks (KMDF takes them in `WDF_DMA_ENABLER_CONFIG`; set them

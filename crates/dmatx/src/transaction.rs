@@ -306,7 +306,7 @@ where
         if shared.is_deleted() {
             return Err(Error::InvalidDeviceState);
         }
-        let records: Vec<_> = shared.records.iter().flatten().collect();
+        let records: Vec<_> = shared.configured_records().collect();
         for (done, record) in records.iter().enumerate() {
             if let Err(e) = record.adapter.register_waiter() {
                 for earlier in &records[..done] {
@@ -1585,7 +1585,7 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
                 self.enabler.device.give_back_packet_slot();
             }
         }
-        for record in self.enabler.records.iter().flatten() {
+        for record in self.enabler.configured_records() {
             record.adapter.unregister_waiter();
         }
     }

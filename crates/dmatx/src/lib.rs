@@ -80,8 +80,8 @@ pub use binding::RequestBinding;
 pub use common_buffer::{CommonBuffer, CommonBufferConfig, RawCommonBuffer, RawCommonBufferConfig};
 pub use device::DmaDevice;
 pub use enabler::{
-    Enabler, EnablerCallback, EnablerCallbacks, EnablerConfig, RawEnablerConfig,
-    UNLIMITED_FRAGMENTS,
+    DmaDescriptor, Enabler, EnablerCallback, EnablerCallbacks, EnablerConfig, RawEnablerConfig,
+    SystemProfileConfig, UNLIMITED_FRAGMENTS,
 };
 pub use transaction::{BufferError, Completion, ProgramDma, ReserveDma, Transaction, TransferInfo};
 

@@ -83,7 +83,10 @@ pub use enabler::{
     DmaDescriptor, Enabler, EnablerCallback, EnablerCallbacks, EnablerConfig, RawEnablerConfig,
     SystemProfileConfig, UNLIMITED_FRAGMENTS,
 };
-pub use transaction::{BufferError, Completion, ProgramDma, ReserveDma, Transaction, TransferInfo};
+pub use transaction::{
+    BufferError, Completion, ConfigureChannel, ProgramDma, ReserveDma, SystemStopOutcome,
+    Transaction, TransferComplete, TransferInfo,
+};
 
 pub use dmatx_hal as hal;
 pub use dmatx_types::{

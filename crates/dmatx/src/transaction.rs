@@ -22,7 +22,7 @@ use core::fmt;
 use core::num::NonZeroU32;
 use dmatx_hal::{
     Adapter, Allocation, AllocationRequest, AllocationWaiter, MapRegisters, MemoryDescriptor,
-    Platform, WaiterRef,
+    Platform, SystemDmaStatus, SystemStop, WaiterRef,
 };
 use dmatx_types::{
     Call, Direction, DmaVersion, Error, Misuse, Result, SgElement, State, TransactionKind, VirtAddr,
@@ -46,6 +46,39 @@ pub type ProgramDma<P, C, B> = fn(&Transaction<P, C, B>, &C, Direction, &[SgElem
 /// typically initializes and executes the transaction from here, and may do so again and again
 /// while the reservation lasts.
 pub type ReserveDma<P, C, B> = fn(&Transaction<P, C, B>, &C);
+
+/// System mode: the driver's channel-configuration callback
+/// (`EvtDmaTransactionConfigureDmaChannel`), called once per transfer after the channel is
+/// owned and before the transfer is mapped. Arguments: the transaction, the execute context,
+/// the transfer's byte offset in the buffer chain, and its length. Returning `false` means the
+/// driver has finished or aborted the transaction itself (normally with
+/// [`Transaction::dma_completed_final`] from inside the callback): the transfer is neither
+/// mapped nor programmed (statement 91). During the call the transfer counts as programmed but
+/// unmapped, so completing it from inside moves no data.
+pub type ConfigureChannel<P, C, B> = fn(&Transaction<P, C, B>, &C, u64, u64) -> bool;
+
+/// System mode: the driver's transfer-complete callback
+/// (`EvtDmaTransactionDmaTransferComplete`), called once per transfer when the controller
+/// finishes it, with the controller's status (dmatx adds the bytes moved to
+/// `DmaError`/`DmaCancelled`). Never before, or during, that transfer's program-DMA
+/// (statement 90). The driver normally reports the transfer with a `dma_completed*` call from
+/// here, or defers that to a DPC or timer.
+pub type TransferComplete<P, C, B> = fn(&Transaction<P, C, B>, &C, Direction, SystemDmaStatus);
+
+/// What [`Transaction::stop_system_transfer`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SystemStopOutcome {
+    /// A transfer was running: the controller stops it, and its transfer-complete callback
+    /// reports [`SystemDmaStatus::Cancelled`] with the bytes it had moved.
+    Stopping,
+    /// No transfer was running. The next transfer will not be mapped: a registered
+    /// transfer-complete callback gets `Cancelled` for it (statement 89), and without one the
+    /// call that would stage it fails with [`Error::Cancelled`].
+    NotRunning,
+    /// The transaction was still waiting for its channel: the request is withdrawn and the
+    /// transaction is TransferFailed now; complete the request and release it.
+    Withdrawn,
+}
 
 /// Map registers reserved by [`Transaction::allocate_resources`] (spec §3.9).
 struct Reservation {
@@ -137,6 +170,17 @@ impl Done {
     }
 }
 
+/// What the system-mode checks before mapping decided.
+enum BeforeMap<'a, P: Platform, C, B> {
+    /// Map and program the transfer.
+    Map(MutexGuard<'a, Inner<P, C, B>>),
+    /// Do not map it (suppressed by the configuration callback, reported stopped, or already
+    /// completed by the driver); the staging succeeded.
+    Skip(MutexGuard<'a, Inner<P, C, B>>),
+    /// The transaction finished with this error (stopped, no callback to report it).
+    Failed(Error),
+}
+
 /// Outcome of preparing a transfer.
 enum Prepared {
     /// Registers are held: the transfer is ready to be staged.
@@ -213,6 +257,19 @@ struct Inner<P: Platform, C, B> {
     request_held: bool,
     /// Registers reserved by allocate_resources, kept across runs until free_resources.
     reservation: Option<Reservation>,
+    /// The programmed transfer has a live mapping (false for a system transfer being
+    /// configured, suppressed, or reported stopped before it was mapped).
+    mapped: bool,
+    /// System: StopSystemTransfer was called (KMDF's cancelled flag); cleared by initialize.
+    stopped: bool,
+    /// System: the device-register offset for every transfer (reset by initialize).
+    device_offset: u64,
+    /// System: the driver's callbacks (they survive release, statement 79).
+    configure_channel: Option<ConfigureChannel<P, C, B>>,
+    transfer_complete: Option<TransferComplete<P, C, B>>,
+    /// System: a controller completion that arrived while the stager was busy with its
+    /// transfer, delivered when program-DMA returns (statement 90).
+    deferred_done: Option<SystemDmaStatus>,
     /// The reserve callback and its context, until it is called.
     reserve_callback: Option<(ReserveDma<P, C, B>, C)>,
 }
@@ -300,8 +357,9 @@ where
     pub fn create(enabler: &Enabler<P>) -> Result<Arc<Self>> {
         let shared = &enabler.shared;
         let kind = shared.profile.transaction_kind();
-        if kind == TransactionKind::System {
-            return Err(Error::InvalidDeviceRequest);
+        if !shared.is_configured() {
+            // A system enabler before configure_system_profile has no channel to work with.
+            return Err(Error::InvalidDeviceState);
         }
         if shared.is_deleted() {
             return Err(Error::InvalidDeviceState);
@@ -316,7 +374,7 @@ where
             }
         }
         let capacity = match kind {
-            TransactionKind::ScatterGather => records
+            TransactionKind::ScatterGather | TransactionKind::System => records
                 .iter()
                 .map(|r| r.map_registers as usize)
                 .max()
@@ -355,6 +413,12 @@ where
                 request_held: false,
                 reservation: None,
                 reserve_callback: None,
+                mapped: false,
+                stopped: false,
+                device_offset: 0,
+                configure_channel: None,
+                transfer_complete: None,
+                deferred_done: None,
             }),
             staging_area: Mutex::new(area),
         });
@@ -545,6 +609,9 @@ where
         g.current = 0;
         g.next = 0;
         g.max_transfer = max_transfer;
+        g.stopped = false;
+        g.device_offset = 0;
+        g.deferred_done = None;
         let previous = core::mem::replace(&mut g.request, request);
         drop(g);
         drop(previous);
@@ -601,8 +668,8 @@ where
             g.request_held = true;
         }
         let prepared = match self.kind {
-            TransactionKind::Packet => self.prepare_packet_run(&mut g),
-            _ => self.prepare_sg(&mut g),
+            TransactionKind::ScatterGather => self.prepare_sg(&mut g),
+            _ => self.prepare_packet_run(&mut g),
         };
         match prepared {
             Err(e) => {
@@ -629,7 +696,14 @@ where
             g.ready = true;
             return Ok(Prepared::Ready);
         }
-        let count = split::packet_run_registers(buffer, g.offset, g.length, g.max_transfer);
+        let count = match self.kind {
+            // The channel with all its registers, held until release (spec §3.2.1, §3.3).
+            TransactionKind::System => self
+                .enabler
+                .record(g.direction)
+                .map_or(0, |r| u64::from(r.map_registers)),
+            _ => split::packet_run_registers(buffer, g.offset, g.length, g.max_transfer),
+        };
         self.allocate(g, count)
     }
 
@@ -710,12 +784,26 @@ where
         g.staging = true;
         loop {
             g.ready = false;
-            // A packet transfer's one element lives on this stack, as KMDF's does; an SG list
-            // in the preallocated staging area, locked only by the stager.
+            if self.kind == TransactionKind::System {
+                match self.before_system_map(g) {
+                    BeforeMap::Map(guard) => g = guard,
+                    BeforeMap::Skip(guard) => {
+                        g = guard;
+                        if g.ready {
+                            continue;
+                        }
+                        g.staging = false;
+                        return None;
+                    }
+                    BeforeMap::Failed(e) => return Some(e),
+                }
+            }
+            // A packet transfer's one element lives on this stack, as KMDF's does; an SG or
+            // system list in the preallocated staging area, locked only by the stager.
             let mut one = [SgElement::default()];
             let mut area = match self.kind {
-                TransactionKind::ScatterGather => Some(self.staging_area.lock()),
-                _ => None,
+                TransactionKind::Packet => None,
+                _ => Some(self.staging_area.lock()),
             };
             let out: &mut [SgElement] = match area.as_mut() {
                 Some(area) => {
@@ -739,6 +827,7 @@ where
                     // backend reporting more than asked or than fits is clamped, not trusted.)
                     g.current = m.bytes.min(g.next);
                     g.programmed = true;
+                    g.mapped = true;
                     (m.elements.min(out.len()), callback)
                 }
                 (result, callback) => {
@@ -766,6 +855,12 @@ where
             drop(area);
             drop(context);
             g = self.inner.lock();
+            // A controller completion that arrived meanwhile is delivered now, after
+            // program-DMA returned (statement 90), still as the stager: a completion the
+            // driver reports from it leaves the next transfer to this loop.
+            if let Some(status) = g.deferred_done.take() {
+                g = self.deliver_done(g, status);
+            }
             if !g.ready {
                 g.staging = false;
                 return None;
@@ -773,10 +868,96 @@ where
         }
     }
 
+    /// System mode, before mapping a transfer: a stop (statement 89) and the
+    /// channel-configuration callback (statement 91).
+    fn before_system_map<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner<P, C, B>>,
+    ) -> BeforeMap<'a, P, C, B> {
+        if !g.stopped
+            && let (Some(configure), Some(context)) = (g.configure_channel, g.context.clone())
+        {
+            let (offset, length) = (g.offset + g.transferred, g.next);
+            // While the driver configures, the transfer counts as programmed and unmapped, so
+            // a completion from inside the callback is accepted and moves nothing.
+            g.programmed = true;
+            g.mapped = false;
+            g.current = length;
+            drop(g);
+            let go = configure(self, &context, offset, length);
+            drop(context);
+            g = self.inner.lock();
+            if !go || !g.programmed || g.state != State::Transfer {
+                // Suppressed, or the driver reported the transfer from inside: no mapping,
+                // no program-DMA, and the staging succeeded.
+                return BeforeMap::Skip(g);
+            }
+            g.programmed = false;
+            g.current = 0;
+        }
+        if !g.stopped {
+            return BeforeMap::Map(g);
+        }
+        if let (Some(done), Some(context)) = (g.transfer_complete, g.context.clone()) {
+            // Statement 89: the transfer is reported cancelled without being mapped or
+            // programmed. It stands as a programmed transfer of 0 bytes, so the driver reports
+            // it as it would any other (a completion that needs more returns Cancelled).
+            g.programmed = true;
+            g.mapped = false;
+            g.current = 0;
+            let direction = g.direction;
+            drop(g);
+            done(
+                self,
+                &context,
+                direction,
+                SystemDmaStatus::Cancelled { moved: 0 },
+            );
+            drop(context);
+            return BeforeMap::Skip(self.inner.lock());
+        }
+        // KMDF leaves the transaction in Transfer forever here (the failure is invisible
+        // without a transfer-complete callback); dmatx finishes it and the call that staged
+        // it reports the cancel (docs/quirks.md).
+        let leftovers = self.finish(&mut g, State::TransferFailed);
+        g.staging = false;
+        drop(g);
+        self.dispose(leftovers);
+        BeforeMap::Failed(Error::Cancelled)
+    }
+
+    /// Call the driver's transfer-complete callback with `status` (lock dropped around it).
+    fn deliver_done<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner<P, C, B>>,
+        status: SystemDmaStatus,
+    ) -> MutexGuard<'a, Inner<P, C, B>> {
+        if let (Some(done), Some(context)) = (g.transfer_complete, g.context.clone()) {
+            let direction = g.direction;
+            drop(g);
+            done(self, &context, direction, status);
+            drop(context);
+            g = self.inner.lock();
+        }
+        g
+    }
+
     fn map_next(&self, g: &Inner<P, C, B>, out: &mut [SgElement]) -> Result<dmatx_hal::Mapping> {
         let (adapter, registers, buffer) = self.transfer_parts(g)?;
         let position = g.offset + g.transferred;
-        adapter.map(registers, buffer, position, g.next, g.direction, out)
+        match self.kind {
+            TransactionKind::System => adapter.map_system(
+                registers,
+                buffer,
+                position,
+                g.next,
+                g.direction,
+                g.device_offset,
+                &self.waiter,
+                out,
+            ),
+            _ => adapter.map(registers, buffer, position, g.next, g.direction, out),
+        }
     }
 
     /// The adapter, registers and buffer of the transfer at hand.
@@ -854,7 +1035,12 @@ where
         };
         // Per-transfer teardown. KMDF skips it when the length is invalid; dmatx always ends
         // the mapping so no register or mapping is lost (docs/quirks.md).
-        let flushed = self.flush_current(&g);
+        let flushed = if g.mapped {
+            self.flush_current(&g)
+        } else {
+            Ok(())
+        };
+        g.mapped = false;
         g.current = 0;
         let transfer_registers = match self.kind {
             TransactionKind::ScatterGather => g.registers.take(),
@@ -869,6 +1055,10 @@ where
         let left = g.length - g.transferred;
         if status.is_ok() && g.single_transfer && left > 0 {
             status = Err(Error::WdfTooManyTransfers);
+        }
+        if status.is_ok() && g.stopped && left > 0 && !is_final {
+            // After StopSystemTransfer, a completion that needs another transfer (statement 87).
+            status = Err(Error::Cancelled);
         }
         if status.is_err() || left == 0 || is_final {
             let state = if status.is_ok() {
@@ -885,7 +1075,7 @@ where
 
         // More to do: prepare the next transfer.
         let prepared = match self.kind {
-            TransactionKind::Packet => {
+            TransactionKind::Packet | TransactionKind::System => {
                 g.next = self.packet_next_length(&g);
                 g.ready = true;
                 Ok(Prepared::Ready)
@@ -938,9 +1128,16 @@ where
         {
             request.set_dma_active(false);
         }
+        g.mapped = false;
+        g.deferred_done = None;
+        // A system transaction keeps its channel (and registers) until release (spec §3.3).
+        let registers = match self.kind {
+            TransactionKind::System => None,
+            _ => g.registers.take(),
+        };
         Leftovers {
             direction: g.direction,
-            registers: g.registers.take(),
+            registers,
             context: g.context.take(),
             packet_slot,
             request: None,
@@ -999,6 +1196,7 @@ where
     fn reset(&self, g: &mut Inner<P, C, B>) -> Leftovers<C> {
         let mut leftovers = self.finish(g, State::Released);
         leftovers.request = g.request.take();
+        leftovers.registers = leftovers.registers.or(g.registers.take());
         g.program_dma = None;
         g.offset = 0;
         g.length = 0;
@@ -1101,7 +1299,7 @@ where
         reserve_dma: ReserveDma<P, C, B>,
         context: C,
     ) -> Result<Option<B>> {
-        if self.enabler.version != DmaVersion::V3 || self.kind != TransactionKind::Packet {
+        if self.enabler.version != DmaVersion::V3 || self.kind == TransactionKind::ScatterGather {
             return Err(Error::InvalidDeviceRequest);
         }
         let record = self
@@ -1117,6 +1315,9 @@ where
         }
         let count = if count == 0 {
             match (g.state, g.buffer.as_ref()) {
+                (State::Initialized, Some(_)) if self.kind == TransactionKind::System => {
+                    record.map_registers
+                }
                 (State::Initialized, Some(buffer)) => {
                     let pages = split::pages_in_range(buffer, g.offset, g.length);
                     u32::try_from(pages).unwrap_or(u32::MAX)
@@ -1202,7 +1403,7 @@ where
     }
 
     fn free_resources_inner(&self) -> Result<Option<B>> {
-        if self.enabler.version != DmaVersion::V3 || self.kind != TransactionKind::Packet {
+        if self.enabler.version != DmaVersion::V3 || self.kind == TransactionKind::ScatterGather {
             return Err(Error::InvalidDeviceRequest);
         }
         let mut g = self.inner.lock();
@@ -1246,6 +1447,116 @@ where
             .reservation
             .as_ref()
             .map_or(0, |r| r.count)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // System mode (spec §2.4, §2.5, §3.10)
+
+    /// Stop the transaction's system transfer (`WdfDmaTransactionStopSystemTransfer`): a
+    /// running transfer is stopped by the controller and reports
+    /// [`SystemDmaStatus::Cancelled`] to the transfer-complete callback; a transfer not yet
+    /// mapped will not be; afterwards a completion that needs another transfer finishes the
+    /// transaction with [`Error::Cancelled`] (statements 86, 87, 89). A transaction still
+    /// waiting for its channel is finished at once ([`SystemStopOutcome::Withdrawn`]).
+    /// Initialize clears the stop.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a transaction that is not
+    /// system-mode (statement 85); [`Error::Misuse`] if the controller reports the running
+    /// transfer already stopped (88).
+    pub fn stop_system_transfer(&self) -> Result<SystemStopOutcome> {
+        self.verified(self.stop_system_inner())
+    }
+
+    fn stop_system_inner(&self) -> Result<SystemStopOutcome> {
+        if self.kind != TransactionKind::System {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let mut g = self.inner.lock();
+        g.stopped = true;
+        let Some(record) = self.enabler.record(g.direction) else {
+            return Ok(SystemStopOutcome::NotRunning);
+        };
+        if g.state == State::Transfer && g.queued && g.reservation.is_none() {
+            if !record.adapter.cancel_allocation(&self.waiter) {
+                // Being granted right now: the staging will find the stop.
+                return Ok(SystemStopOutcome::NotRunning);
+            }
+            g.queued = false;
+            let leftovers = self.finish(&mut g, State::TransferFailed);
+            drop(g);
+            self.dispose(leftovers);
+            record.adapter.dispatch_queued();
+            return Ok(SystemStopOutcome::Withdrawn);
+        }
+        if !(g.state == State::Transfer && g.programmed && g.mapped) {
+            return Ok(SystemStopOutcome::NotRunning);
+        }
+        match record.adapter.stop_system(&self.waiter) {
+            SystemStop::Stopped => Ok(SystemStopOutcome::Stopping),
+            SystemStop::NotRunning => Ok(SystemStopOutcome::NotRunning),
+            SystemStop::AlreadyStopped => {
+                Err(self.misuse(Call::StopSystemTransfer, g.state, STOP_TWICE))
+            }
+        }
+    }
+
+    /// `WdfDmaTransactionSetChannelConfigurationCallback`: set (or with `None` clear) the
+    /// channel-configuration callback. It survives release (statement 79).
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a transaction that is not
+    /// system-mode.
+    pub fn set_channel_configuration_callback(
+        &self,
+        callback: Option<ConfigureChannel<P, C, B>>,
+    ) -> Result<()> {
+        if self.kind != TransactionKind::System {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        self.inner.lock().configure_channel = callback;
+        Ok(())
+    }
+
+    /// `WdfDmaTransactionSetTransferCompleteCallback`: set (or with `None` clear) the
+    /// transfer-complete callback. It survives release (statement 79).
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a transaction that is not
+    /// system-mode.
+    pub fn set_transfer_complete_callback(
+        &self,
+        callback: Option<TransferComplete<P, C, B>>,
+    ) -> Result<()> {
+        if self.kind != TransactionKind::System {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        self.inner.lock().transfer_complete = callback;
+        Ok(())
+    }
+
+    /// `WdfDmaTransactionSetDeviceAddressOffset`: the offset from the channel's device address
+    /// that every later transfer of this initialization uses (statement 80).
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`], with no effect, on a transaction that is not
+    /// system-mode, or unless Initialized or executing: initialize resets the offset, so one
+    /// set before it would be lost (KMDF loses it silently; `docs/quirks.md`).
+    pub fn set_device_address_offset(&self, offset: u64) -> Result<()> {
+        if self.kind != TransactionKind::System {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let mut g = self.inner.lock();
+        if !matches!(g.state, State::Initialized | State::Transfer) {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        g.device_offset = offset;
+        Ok(())
+    }
+
+    /// The device-address offset in use (0 unless set after initialize).
+    pub fn device_address_offset(&self) -> u64 {
+        self.inner.lock().device_offset
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1437,6 +1748,7 @@ const RELEASE_STATE: &str = "the device may still be using the buffer; complete 
 const CANCEL_STATE: &str = "cancel needs an initialized or executing transaction";
 const INFO_STATE: &str = "transfer info needs an Initialized transaction";
 const DELETED: &str = "the transaction was deleted with its enabler's device";
+const STOP_TWICE: &str = "the running system transfer was already stopped";
 const EXECUTE_UNGRANTED: &str =
     "the reserved map registers are not granted yet; execute from the reserve callback";
 const RELEASE_QUEUED: &str =
@@ -1454,6 +1766,23 @@ where
     C: Clone + Send + Sync + 'static,
     B: MemoryDescriptor,
 {
+    /// The controller finished the mapped system transfer: call the transfer-complete callback
+    /// now, or — while program-DMA for that transfer has not returned — when it does
+    /// (statement 90). Without a callback the driver learns from its own device.
+    fn system_transfer_done(&self, status: SystemDmaStatus) {
+        let mut g = self.inner.lock();
+        if g.state != State::Transfer || !g.programmed || !g.mapped || g.transfer_complete.is_none()
+        {
+            return;
+        }
+        if g.staging {
+            g.deferred_done = Some(status);
+            return;
+        }
+        let g = self.deliver_done(g, status);
+        drop(g);
+    }
+
     fn granted(&self, registers: MapRegisters) {
         let mut g = self.inner.lock();
         if g.queued
@@ -1534,6 +1863,7 @@ where
         let callback = g.reserve_callback.take();
         let mut leftovers = self.finish(&mut g, State::Deleted);
         leftovers.request = g.request.take();
+        leftovers.registers = leftovers.registers.or(g.registers.take());
         g.program_dma = None;
         g.length = 0;
         g.transferred = 0;

@@ -291,3 +291,103 @@ fn packet_cancel_races_completion() {
 fn sg_cancel_races_completion() {
     cancel_races_completion(Profile::ScatterGather64);
 }
+
+/// What the system-mode model observes.
+#[derive(Default)]
+struct SystemProbe {
+    inside: AtomicBool,
+    /// Program-DMA calls that have returned.
+    returned: AtomicU32,
+    /// Transfer-complete callbacks run.
+    done: AtomicU32,
+    finished: AtomicU32,
+}
+
+type SysTx = Transaction<MockPlatform, Arc<SystemProbe>, MockBuffer>;
+
+fn system_program(_: &SysTx, probe: &Arc<SystemProbe>, _: Direction, sg: &[SgElement]) -> bool {
+    assert!(
+        !probe.inside.swap(true, Ordering::SeqCst),
+        "program-DMA nested"
+    );
+    assert!(!sg.is_empty());
+    probe.inside.store(false, Ordering::SeqCst);
+    probe.returned.fetch_add(1, Ordering::SeqCst);
+    true
+}
+
+fn system_done(
+    t: &SysTx,
+    probe: &Arc<SystemProbe>,
+    _: Direction,
+    status: dmatx::hal::SystemDmaStatus,
+) {
+    assert_eq!(status, dmatx::hal::SystemDmaStatus::Complete);
+    let k = probe.done.fetch_add(1, Ordering::SeqCst) + 1;
+    // Statement 90: the completion of transfer k never precedes or overlaps its program-DMA.
+    assert!(
+        probe.returned.load(Ordering::SeqCst) >= k,
+        "transfer {k} reported done before its program-DMA returned"
+    );
+    assert!(
+        !probe.inside.load(Ordering::SeqCst),
+        "done overlaps program-DMA"
+    );
+    if let Completion::Finished(status) = t.dma_completed().expect("completion") {
+        status.expect("success");
+        probe.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// System mode: a controller thread finishes each mapped transfer at any moment — possibly
+/// while program-DMA for it still runs — and the transfer-complete callback reports it.
+#[test]
+fn system_completion_never_precedes_program_dma() {
+    model(|| {
+        let platform = MockPlatform::new(2);
+        let device = DmaDevice::new(platform.clone());
+        let config = EnablerConfig::new(Profile::System, 1 << 20);
+        let enabler = Enabler::create(&device, config).unwrap();
+        let descriptor = dmatx::DmaDescriptor {
+            channel: 1,
+            request_line: 2,
+        };
+        enabler
+            .configure_system_profile(
+                dmatx::SystemProfileConfig::new(0x1000, dmatx::hal::DmaWidth::Bits32, descriptor),
+                Direction::WriteToDevice,
+            )
+            .unwrap();
+        let t = SysTx::create(&enabler).unwrap();
+        t.set_transfer_complete_callback(Some(system_done)).unwrap();
+        t.initialize_using_offset(
+            system_program,
+            Direction::WriteToDevice,
+            MockBuffer::new(8192),
+            0,
+            8192,
+        )
+        .unwrap();
+        let probe = Arc::new(SystemProbe::default());
+        let (p2, probe2) = (platform.clone(), Arc::clone(&probe));
+        let controller = thread::spawn(move || {
+            let mut finished = 0;
+            while finished < 2 {
+                if p2.finish_system_transfer() {
+                    finished += 1;
+                } else {
+                    thread::yield_now();
+                }
+            }
+            drop(probe2);
+        });
+        t.execute(Arc::clone(&probe)).unwrap();
+        controller.join().unwrap();
+        assert_eq!(probe.done.load(Ordering::SeqCst), 2);
+        assert_eq!(probe.finished.load(Ordering::SeqCst), 1);
+        assert_eq!(t.bytes_transferred(), 8192);
+        t.release().unwrap().expect("buffer back");
+        drop(t);
+        platform.assert_clean();
+    });
+}

@@ -26,6 +26,8 @@ pub struct Books {
     pub queueing: bool,
     /// Queued requests: the waiter and the count.
     pub queue: Vec<(Waiter, u32)>,
+    /// System mode: the waiter of the transfer the "controller" runs now.
+    pub running: Option<WaiterRef>,
 }
 
 impl std::fmt::Debug for QueueDebug<'_> {
@@ -72,6 +74,19 @@ impl MockPlatform {
 
     pub fn queued(&self) -> usize {
         self.books.lock().unwrap().queue.len()
+    }
+
+    /// The system controller: finish the running transfer, if there is one, calling its
+    /// waiter with no lock held. Returns whether one was running.
+    pub fn finish_system_transfer(&self) -> bool {
+        let running = self.books.lock().unwrap().running.take();
+        match running.and_then(|w| w.upgrade()) {
+            Some(waiter) => {
+                waiter.system_transfer_done(dmatx::hal::SystemDmaStatus::Complete);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn assert_clean(&self) {
@@ -171,6 +186,21 @@ impl Adapter for MockAdapter {
             bytes: length,
             elements: 1,
         })
+    }
+    fn map_system<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &dmatx::hal::MapRegisters,
+        buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+        _device_offset: u64,
+        waiter: &WaiterRef,
+        out: &mut [SgElement],
+    ) -> Result<Mapping> {
+        let m = self.map(registers, buffer, offset, length, direction, out)?;
+        self.books.lock().unwrap().running = Some(waiter.clone());
+        Ok(m)
     }
     fn flush<D: MemoryDescriptor + ?Sized>(
         &self,

@@ -28,7 +28,16 @@ pub struct Books {
     pub queue: Vec<(Waiter, u32)>,
     /// System mode: the waiter of the transfer the "controller" runs now.
     pub running: Option<WaiterRef>,
+    /// System mode: the running transfer was stopped.
+    pub stopped: bool,
+    /// System mode: (chain offset, length, device offset) of every transfer mapped.
+    pub system_maps: Vec<(u64, u64, u64)>,
+    /// System mode: adapters asked for, with their channel descriptions.
+    pub channels: Vec<dmatx::hal::SystemChannel>,
 }
+
+/// The request line the mock platform does not know.
+pub const UNKNOWN_REQUEST_LINE: u32 = 0xBAD;
 
 impl std::fmt::Debug for QueueDebug<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,14 +88,38 @@ impl MockPlatform {
     /// The system controller: finish the running transfer, if there is one, calling its
     /// waiter with no lock held. Returns whether one was running.
     pub fn finish_system_transfer(&self) -> bool {
-        let running = self.books.lock().unwrap().running.take();
+        self.finish_system_transfer_with(dmatx::hal::SystemDmaStatus::Complete)
+    }
+
+    /// As `finish_system_transfer`, with `status` (a stopped transfer reports Cancelled
+    /// whatever `status` says).
+    pub fn finish_system_transfer_with(&self, status: dmatx::hal::SystemDmaStatus) -> bool {
+        let (running, stopped) = {
+            let mut b = self.books.lock().unwrap();
+            (b.running.take(), std::mem::take(&mut b.stopped))
+        };
+        let status = if stopped {
+            dmatx::hal::SystemDmaStatus::Cancelled { moved: 0 }
+        } else {
+            status
+        };
         match running.and_then(|w| w.upgrade()) {
             Some(waiter) => {
-                waiter.system_transfer_done(dmatx::hal::SystemDmaStatus::Complete);
+                waiter.system_transfer_done(status);
                 true
             }
             None => false,
         }
+    }
+
+    /// Whether a system transfer is running (mapped and not finished).
+    pub fn system_running(&self) -> bool {
+        self.books.lock().unwrap().running.is_some()
+    }
+
+    /// Every system transfer mapped so far: (chain offset, length, device offset).
+    pub fn system_maps(&self) -> Vec<(u64, u64, u64)> {
+        self.books.lock().unwrap().system_maps.clone()
     }
 
     pub fn assert_clean(&self) {
@@ -129,7 +162,13 @@ pub struct MockAdapter {
 
 impl Platform for MockPlatform {
     type Adapter = MockAdapter;
-    fn adapter(&self, _: &DeviceDescription) -> Result<MockAdapter> {
+    fn adapter(&self, description: &DeviceDescription) -> Result<MockAdapter> {
+        if let Some(channel) = description.system {
+            if channel.request_line == UNKNOWN_REQUEST_LINE {
+                return Err(Error::InvalidParameter);
+            }
+            self.books.lock().unwrap().channels.push(channel);
+        }
         Ok(MockAdapter {
             books: Arc::clone(&self.books),
             registers: self.registers,
@@ -194,13 +233,30 @@ impl Adapter for MockAdapter {
         offset: u64,
         length: u64,
         direction: Direction,
-        _device_offset: u64,
+        device_offset: u64,
         waiter: &WaiterRef,
         out: &mut [SgElement],
     ) -> Result<Mapping> {
         let m = self.map(registers, buffer, offset, length, direction, out)?;
-        self.books.lock().unwrap().running = Some(waiter.clone());
+        let mut b = self.books.lock().unwrap();
+        assert!(b.running.is_none(), "one transfer at a time on the channel");
+        b.running = Some(waiter.clone());
+        b.stopped = false;
+        b.system_maps.push((offset, m.bytes, device_offset));
         Ok(m)
+    }
+    fn stop_system(&self, waiter: &WaiterRef) -> dmatx::hal::SystemStop {
+        let mut b = self.books.lock().unwrap();
+        match &b.running {
+            Some(w) if w.ptr_eq(waiter) => {
+                if std::mem::replace(&mut b.stopped, true) {
+                    dmatx::hal::SystemStop::AlreadyStopped
+                } else {
+                    dmatx::hal::SystemStop::Stopped
+                }
+            }
+            _ => dmatx::hal::SystemStop::NotRunning,
+        }
     }
     fn flush<D: MemoryDescriptor + ?Sized>(
         &self,

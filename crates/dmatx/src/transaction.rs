@@ -262,6 +262,8 @@ struct Inner<P: Platform, C, B> {
     mapped: bool,
     /// System: StopSystemTransfer was called (KMDF's cancelled flag); cleared by initialize.
     stopped: bool,
+    /// System: the controller reported the mapped transfer's end.
+    reported: bool,
     /// System: the device-register offset for every transfer (reset by initialize).
     device_offset: u64,
     /// System: the driver's callbacks (they survive release, statement 79).
@@ -415,6 +417,7 @@ where
                 reserve_callback: None,
                 mapped: false,
                 stopped: false,
+                reported: false,
                 device_offset: 0,
                 configure_channel: None,
                 transfer_complete: None,
@@ -828,6 +831,7 @@ where
                     g.current = m.bytes.min(g.next);
                     g.programmed = true;
                     g.mapped = true;
+                    g.reported = false;
                     (m.elements.min(out.len()), callback)
                 }
                 (result, callback) => {
@@ -1025,6 +1029,14 @@ where
         }
         if !g.programmed {
             return Err(self.misuse(done.call(), g.state, COMPLETE_UNPROGRAMMED));
+        }
+        if self.kind == TransactionKind::System
+            && g.mapped
+            && !g.reported
+            && g.transfer_complete.is_some()
+        {
+            // KMDF asserts this (§3.5): the controller still runs the transfer.
+            return Err(self.misuse(done.call(), g.state, COMPLETE_UNREPORTED));
         }
         g.programmed = false;
         let current = g.current;
@@ -1749,6 +1761,8 @@ const CANCEL_STATE: &str = "cancel needs an initialized or executing transaction
 const INFO_STATE: &str = "transfer info needs an Initialized transaction";
 const DELETED: &str = "the transaction was deleted with its enabler's device";
 const STOP_TWICE: &str = "the running system transfer was already stopped";
+const COMPLETE_UNREPORTED: &str = "the controller has not reported this system transfer's end: \
+     completed twice from the transfer-complete callback, or before the controller finished";
 const EXECUTE_UNGRANTED: &str =
     "the reserved map registers are not granted yet; execute from the reserve callback";
 const RELEASE_QUEUED: &str =
@@ -1771,8 +1785,11 @@ where
     /// (statement 90). Without a callback the driver learns from its own device.
     fn system_transfer_done(&self, status: SystemDmaStatus) {
         let mut g = self.inner.lock();
-        if g.state != State::Transfer || !g.programmed || !g.mapped || g.transfer_complete.is_none()
-        {
+        if g.state != State::Transfer || !g.programmed || !g.mapped {
+            return;
+        }
+        g.reported = true;
+        if g.transfer_complete.is_none() {
             return;
         }
         if g.staging {

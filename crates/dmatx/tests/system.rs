@@ -540,3 +540,43 @@ fn a_system_reservation_takes_the_whole_channel() {
     drop(t);
     platform.assert_clean();
 }
+
+fn done_twice(t: &Tx, seen: &Arc<Seen>, _: Direction, _: SystemDmaStatus) {
+    let first = t.dma_completed().expect("the first completion is fine");
+    seen.results.lock().unwrap().push(first);
+    let second = t.dma_completed();
+    seen.log(format!(
+        "second {:?}",
+        second.map_err(|e| e.misuse().map(|m| m.call))
+    ));
+}
+
+#[test]
+fn a_transfer_complete_callback_completing_twice_gets_misuse_and_nothing_is_lost() {
+    let (platform, e) = setup(2);
+    let t = Tx::create(&e).unwrap();
+    t.set_transfer_complete_callback(Some(done_twice)).unwrap();
+    t.initialize_using_offset(program, W, MockBuffer::new(8192), 0, 8192)
+        .unwrap();
+    let seen = Seen::new();
+    t.execute(Arc::clone(&seen)).unwrap();
+    assert!(platform.finish_system_transfer());
+    // The second completion of transfer 1 comes while transfer 2 is staged and unreported:
+    // it is refused (no transfer is due), and the transaction goes on.
+    assert!(platform.finish_system_transfer());
+    let events = seen.events();
+    assert_eq!(events[0], "program 4096");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("second Err(Some(DmaCompleted))"))
+            .count()
+            >= 1,
+        "{events:?}"
+    );
+    assert_eq!(t.state(), State::TransferCompleted);
+    assert_eq!(t.bytes_transferred(), 8192);
+    t.release().unwrap();
+    drop(t);
+    platform.assert_clean();
+}

@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dmatx_hal::{
     Adapter, Allocation, AllocationRequest, BusAddr, CommonAllocation, DeviceDescription,
     Direction, Error, MapRegisters, Mapping, MemoryDescriptor, PAGE_SIZE, PhysAddr, Result,
-    SgElement, VirtAddr, Waiter, WaiterRef, waiter_id, waiter_ref_id,
+    SgElement, SystemStop, VirtAddr, Waiter, WaiterRef, waiter_id, waiter_ref_id,
 };
 
 use crate::memory::{FrameRequest, FrameUse, Order, lock};
 use crate::platform::Shared;
 use crate::sanitizer::{Access, DeviceView, Violation, ViolationKind};
+use crate::system::SystemBinding;
 
 /// Default number of map registers per adapter.
 pub const DEFAULT_MAP_REGISTERS: u32 = 32;
@@ -339,6 +340,8 @@ pub(crate) struct AdapterInner {
     fail_armed: AtomicBool,
     fail_flush: Mutex<Option<Error>>,
     device: Padded<DeviceCounters>,
+    /// The controller channel of a system adapter (`None` for bus-master adapters).
+    pub(crate) system: Option<SystemBinding>,
 }
 
 /// A simulated DMA adapter (cheap to clone; clones name the same adapter).
@@ -370,6 +373,7 @@ impl AdapterInner {
         id: usize,
         config: AdapterConfig,
         description: &DeviceDescription,
+        system: Option<SystemBinding>,
     ) -> Result<Self> {
         let n = config.map_registers;
         if config.fail || n < 2 {
@@ -445,6 +449,7 @@ impl AdapterInner {
             fail_armed: AtomicBool::new(false),
             fail_flush: Mutex::new(None),
             device: Padded::default(),
+            system,
         })
     }
 
@@ -480,7 +485,7 @@ impl AdapterInner {
     /// Open the slot of a grant just made, before handing it out. Until then its slot says no
     /// grant starts there (the last `free` of the registers closed it before returning them), so
     /// nothing else touches the registers in between.
-    fn open(&self, registers: MapRegisters) -> MapRegisters {
+    pub(crate) fn open(&self, registers: MapRegisters) -> MapRegisters {
         let mut slot = lock(&self.slots[registers.first() as usize].0);
         slot.count = registers.count();
         slot.live = None;
@@ -531,8 +536,37 @@ impl AdapterInner {
         (slot.count == count).then_some(slot)
     }
 
+    /// Grant `count` free registers now if a run of them is free (system adapters: the
+    /// controller holds its lock and has decided the channel is free). The caller opens the
+    /// grant with [`AdapterInner::open`] once it has dropped its locks.
+    pub(crate) fn try_grant(&self, count: u32) -> Option<MapRegisters> {
+        let mut st = lock(&self.state.0);
+        let first = Self::find_run(&st, count)?;
+        Some(Self::grant(&mut st, first, count))
+    }
+
+    /// Count a refused request (system adapters, whose queue is the channel's).
+    pub(crate) fn count_refusal(&self) {
+        lock(&self.state.0).stats.refusals += 1;
+    }
+
+    /// Count a queued request (system adapters).
+    pub(crate) fn count_queued(&self) {
+        lock(&self.state.0).stats.queued_total += 1;
+    }
+
+    /// Count a withdrawn request (system adapters).
+    pub(crate) fn count_cancel(&self) {
+        lock(&self.state.0).stats.cancels += 1;
+    }
+
     /// Grant queued requests, in order, while the head fits; call each waiter with no lock held.
+    /// A system adapter's queue is its channel's.
     fn grant_waiters(&self) {
+        if let Some(system) = &self.system {
+            system.grant_waiters();
+            return;
+        }
         loop {
             let (waiter, registers) = {
                 let mut st = lock(&self.state.0);
@@ -733,6 +767,9 @@ impl AdapterInner {
             s.queued = st.queue.len();
             s
         };
+        if let Some(system) = &self.system {
+            s.queued += system.queued_for(self.id);
+        }
         for slot in &self.slots {
             let slot = lock(&slot.0);
             let c = &slot.counters;
@@ -938,6 +975,9 @@ impl Adapter for SimAdapter {
         if lock(&self.inner.shared.creations).refuse() {
             return Err(Error::InsufficientResources);
         }
+        if let Some(system) = &self.inner.system {
+            return system.register_waiter();
+        }
         let mut st = lock(&self.inner.state.0);
         let want = st.registered + 1;
         let additional = want.saturating_sub(st.queue.len());
@@ -949,12 +989,28 @@ impl Adapter for SimAdapter {
     }
 
     fn unregister_waiter(&self) {
+        if let Some(system) = &self.inner.system {
+            system.unregister_waiter();
+            return;
+        }
         let mut st = lock(&self.inner.state.0);
         st.registered = st.registered.saturating_sub(1);
     }
 
     fn allocate(&self, request: AllocationRequest, waiter: &WaiterRef) -> Result<Allocation> {
         let count = request.count.get();
+        if let Some(system) = &self.inner.system {
+            if count > self.inner.n {
+                self.inner.count_refusal();
+                return Err(Error::InsufficientResources);
+            }
+            return Ok(
+                match system.allocate(&self.inner, count, request.immediate, waiter)? {
+                    Some(registers) => Allocation::Granted(registers),
+                    None => Allocation::Queued,
+                },
+            );
+        }
         let mut st = lock(&self.inner.state.0);
         if count > self.inner.n {
             st.stats.refusals += 1;
@@ -990,6 +1046,9 @@ impl Adapter for SimAdapter {
     }
 
     fn cancel_allocation(&self, waiter: &WaiterRef) -> bool {
+        if let Some(system) = &self.inner.system {
+            return system.cancel(&self.inner, waiter);
+        }
         let id = waiter_ref_id(waiter);
         let removed = {
             let mut st = lock(&self.inner.state.0);
@@ -1209,6 +1268,12 @@ impl Adapter for SimAdapter {
     fn free(&self, registers: MapRegisters) {
         let a = &*self.inner;
         let (first, count) = (registers.first() as usize, registers.count());
+        if let Some(system) = &a.system
+            && a.grant_slot(&registers).is_some()
+        {
+            // Before the mapping ends: the controller must never reach freed memory.
+            system.detach_running(a.id, registers.first());
+        }
         // Close the grant first (ending its mapping), then return its registers: once the slot
         // says no grant starts here, nothing but this call touches the registers.
         match a.grant_slot(&registers) {
@@ -1231,12 +1296,53 @@ impl Adapter for SimAdapter {
                 *r = RegState::Free;
             }
             st.in_use -= count;
+            if let Some(system) = &a.system {
+                drop(st);
+                system.release(a.id, first as u32);
+                system.grant_waiters();
+                return;
+            }
             if st.queue.is_empty() {
                 // Nobody waits: no need to take the lock again to look.
                 return;
             }
         }
         a.grant_waiters();
+    }
+
+    fn map_system<D: MemoryDescriptor + ?Sized>(
+        &self,
+        registers: &MapRegisters,
+        buffer: &D,
+        offset: u64,
+        length: u64,
+        direction: Direction,
+        device_offset: u64,
+        waiter: &WaiterRef,
+        out: &mut [SgElement],
+    ) -> Result<Mapping> {
+        let Some(system) = &self.inner.system else {
+            return Err(Error::InvalidDeviceRequest);
+        };
+        system.check_start(self.inner.id, registers.first(), waiter)?;
+        let m = self.map(registers, buffer, offset, length, direction, out)?;
+        system.start(
+            &self.inner,
+            registers.first(),
+            waiter,
+            direction,
+            device_offset,
+            &out[..m.elements],
+            m.bytes,
+        );
+        Ok(m)
+    }
+
+    fn stop_system(&self, waiter: &WaiterRef) -> SystemStop {
+        match &self.inner.system {
+            Some(system) => system.stop(waiter),
+            None => SystemStop::NotRunning,
+        }
     }
 
     fn allocate_common_buffer(&self, length: u64) -> Result<CommonAllocation> {

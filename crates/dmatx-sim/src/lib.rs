@@ -87,6 +87,7 @@ mod device;
 mod memory;
 mod platform;
 mod sanitizer;
+mod system;
 
 #[cfg(test)]
 mod tests;
@@ -104,13 +105,16 @@ pub use platform::{
     DEFAULT_MEMORY_BASE, DEFAULT_MEMORY_BYTES, DEFAULT_PLACEMENT, SimConfig, SimPlatform, SimStats,
 };
 pub use sanitizer::{Access, DeviceView, Violation, ViolationKind};
+pub use system::{
+    ChannelStats, SimFifo, SimSystemDma, SystemCompletion, SystemDmaConfig, SystemFault,
+};
 
 /// The main types, and the [`dmatx_hal`] traits their methods come from.
 pub mod prelude {
     pub use crate::{
         AdapterConfig, AdapterMode, CompletionMode, DeviceCompletion, DeviceConfig, DeviceFault,
-        DeviceView, Placement, SimAdapter, SimBuffer, SimConfig, SimDmaDevice, SimPlatform,
-        Violation,
+        DeviceView, Placement, SimAdapter, SimBuffer, SimConfig, SimDmaDevice, SimFifo,
+        SimPlatform, SimSystemDma, SystemCompletion, SystemDmaConfig, SystemFault, Violation,
     };
     pub use dmatx_hal::{Adapter as _, MemoryDescriptor as _, Platform as _};
 }

@@ -2,14 +2,18 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use dmatx_hal::{DeviceDescription, Direction, DmaVersion, PAGE_SIZE, PhysAddr, Platform, Result};
+use dmatx_hal::{
+    DeviceDescription, Direction, DmaVersion, Error, PAGE_SIZE, PhysAddr, Platform, Result,
+    SystemChannel,
+};
 
 use crate::adapter::{AdapterConfig, AdapterInner, AdapterMode, AdapterStats, SimAdapter};
 use crate::buffer::SimBuffer;
 use crate::memory::{Memory, MemoryRegion, MemoryStats, Placement, lock};
 use crate::sanitizer::Violation;
+use crate::system::{Controller, SimFifo, SimSystemDma, SystemDmaConfig};
 
 /// Default physical base of simulated memory (not zero, so address arithmetic that forgets the
 /// base shows up).
@@ -30,6 +34,8 @@ pub struct SimConfig {
     pub placement: Placement,
     /// How adapters are built unless a queued override says otherwise.
     pub adapter: AdapterConfig,
+    /// The system DMA controller, if the machine has one.
+    pub system: Option<SystemDmaConfig>,
 }
 
 impl Default for SimConfig {
@@ -41,6 +47,7 @@ impl Default for SimConfig {
             )],
             placement: DEFAULT_PLACEMENT,
             adapter: AdapterConfig::default(),
+            system: None,
         }
     }
 }
@@ -88,11 +95,17 @@ impl SimConfig {
         self
     }
 
+    /// Give the machine a system DMA controller (see [`SimSystemDma`]).
+    pub fn system_dma(mut self, system: SystemDmaConfig) -> Self {
+        self.system = Some(system);
+        self
+    }
+
     /// Build the platform.
     ///
     /// # Errors
     /// [`Error::InvalidParameter`](dmatx_hal::Error::InvalidParameter) if the memory layout is invalid (empty, unaligned or
-    /// overlapping regions).
+    /// overlapping regions) or the system DMA configuration has fewer than 2 map registers.
     pub fn build(self) -> Result<SimPlatform> {
         SimPlatform::with_config(self)
     }
@@ -160,6 +173,7 @@ struct PlatformInner {
     placement: Placement,
     adapters: Mutex<Adapters>,
     next_id: AtomicUsize,
+    system: OnceLock<SimSystemDma>,
 }
 
 /// The simulated machine: physical memory, adapters with map registers, a DMA sanitizer.
@@ -225,7 +239,7 @@ impl SimPlatform {
     /// [`Error::InvalidParameter`](dmatx_hal::Error::InvalidParameter) if the memory layout is invalid.
     pub fn with_config(config: SimConfig) -> Result<Self> {
         let memory = Arc::new(Memory::new(&config.regions)?);
-        Ok(Self {
+        let platform = Self {
             inner: Arc::new(PlatformInner {
                 shared: Arc::new(Shared {
                     memory,
@@ -241,8 +255,70 @@ impl SimPlatform {
                     live: Vec::new(),
                 }),
                 next_id: AtomicUsize::new(0),
+                system: OnceLock::new(),
             }),
-        })
+        };
+        if let Some(system) = &config.system {
+            platform.add_system_dma(system)?;
+        }
+        Ok(platform)
+    }
+
+    /// Give the machine a system DMA controller configured by `config`, and return it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceState`] if the machine already has one;
+    /// [`Error::InvalidParameter`] if `config` has fewer than 2 map registers.
+    pub fn add_system_dma(&self, config: &SystemDmaConfig) -> Result<SimSystemDma> {
+        if self.inner.system.get().is_some() {
+            return Err(Error::InvalidDeviceState);
+        }
+        let controller = Controller::new(Arc::clone(&self.inner.shared), config)?;
+        let mut fresh = Some(SimSystemDma::new(controller));
+        let installed = self.inner.system.get_or_init(|| {
+            fresh
+                .take()
+                .unwrap_or_else(|| unreachable!("initialised once"))
+        });
+        if fresh.is_some() {
+            // Another thread installed one first.
+            return Err(Error::InvalidDeviceState);
+        }
+        Ok(installed.clone())
+    }
+
+    /// The machine's system DMA controller, if it has one.
+    pub fn system_dma(&self) -> Option<SimSystemDma> {
+        self.inner.system.get().cloned()
+    }
+
+    /// Register a FIFO endpoint at device address `address` on the system DMA controller
+    /// ([`SimSystemDma::add_fifo`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceRequest`] if the machine has no system DMA controller;
+    /// [`Error::InvalidParameter`] if an endpoint is already registered at `address`.
+    pub fn add_fifo(&self, address: u64, capacity: usize) -> Result<SimFifo> {
+        self.inner
+            .system
+            .get()
+            .ok_or(Error::InvalidDeviceRequest)?
+            .add_fifo(address, capacity)
+    }
+
+    /// A device description for tests of system-mode DMA: no bus mastering, no
+    /// scatter/gather, 32 address bits, transfers up to 1 MiB, DMA v3, simplex, on `channel`.
+    pub fn system_description(channel: SystemChannel) -> DeviceDescription {
+        DeviceDescription {
+            bus_master: false,
+            scatter_gather: false,
+            address_bits: 32,
+            maximum_length: 1 << 20,
+            version: DmaVersion::V3,
+            direction: Direction::ReadFromDevice,
+            duplex: false,
+            system: Some(channel),
+        }
     }
 
     /// A device description for tests: a bus-master scatter/gather device with
@@ -382,6 +458,9 @@ impl SimPlatform {
         for a in self.adapters() {
             a.inner.leftovers(&mut problems);
         }
+        if let Some(system) = self.inner.system.get() {
+            system.inner.leftovers(&mut problems);
+        }
         problems.extend(lock(&self.inner.shared.issues).iter().cloned());
         let stats = self.inner.shared.memory.stats();
         if stats.bad_frees > 0 {
@@ -427,10 +506,30 @@ impl SimPlatform {
 impl Platform for SimPlatform {
     type Adapter = SimAdapter;
 
+    /// An adapter for `description`. A system-mode description (`system: Some(channel)`) gets
+    /// a system adapter of the machine's system DMA controller: direct mapping, the
+    /// controller's map-register count, the rest of the next adapter configuration.
+    ///
+    /// # Errors
+    /// [`Error::Unsuccessful`] as the adapter configuration says; for system mode,
+    /// [`Error::InvalidParameter`] if the description also claims bus mastering or the
+    /// channel/request-line pair is not configured, [`Error::InvalidDeviceRequest`] if the
+    /// machine has no system DMA controller or a looped transfer is asked for.
     fn adapter(&self, description: &DeviceDescription) -> Result<SimAdapter> {
-        let config = {
+        let mut config = {
             let mut a = lock(&self.inner.adapters);
             a.overrides.pop_front().unwrap_or(a.default)
+        };
+        let system = match &description.system {
+            None => None,
+            Some(_) if description.bus_master => return Err(Error::InvalidParameter),
+            Some(channel) => {
+                let controller = self.inner.system.get().ok_or(Error::InvalidDeviceRequest)?;
+                let binding = controller.inner.bind(channel)?;
+                config.mode = AdapterMode::Direct;
+                config.map_registers = controller.inner.map_registers;
+                Some(binding)
+            }
         };
         // ORDERING: the id only needs to be unique; no other memory is published through it.
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -439,6 +538,7 @@ impl Platform for SimPlatform {
             id,
             config,
             description,
+            system,
         )?);
         let mut a = lock(&self.inner.adapters);
         a.live.retain(|w| w.strong_count() > 0);

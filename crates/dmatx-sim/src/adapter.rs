@@ -941,9 +941,14 @@ impl SimAdapter {
         self.inner.stats().free_registers
     }
 
-    /// Requests queued now.
+    /// Requests queued now (for a system adapter: its requests waiting for the channel).
     pub fn queued(&self) -> usize {
-        lock(&self.inner.state.0).queue.len()
+        let own = lock(&self.inner.state.0).queue.len();
+        own + self
+            .inner
+            .system
+            .as_ref()
+            .map_or(0, |s| s.queued_for(self.inner.id))
     }
 
     /// Mappings live now.

@@ -92,6 +92,9 @@ mod system;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod system_tests;
+
 pub use adapter::{
     AdapterConfig, AdapterMode, AdapterStats, DEFAULT_IOVA_BASE, DEFAULT_MAP_REGISTERS, SimAdapter,
 };

@@ -75,11 +75,17 @@
 //!   buffers are blocked and recorded; [`SimPlatform::check_clean`] ends every test.
 //! * **Devices** ([`SimDmaDevice`]): a bus-master DMA engine with storage, completion modes
 //!   (immediate, deferred by virtual time, manual) and a fault plan per transfer.
+//! * **System DMA** ([`SimSystemDma`], [`SystemDmaConfig`], [`SimFifo`]): a controller with
+//!   channels reached by request lines; a system adapter's grant is its channel (one owner at a
+//!   time, FIFO queue); `map_system` starts a transfer between memory and a FIFO endpoint at
+//!   a device address, completed by deferred or manual stepping, stoppable, with fault plans
+//!   per channel.
 //!
 //! The steady-state paths — `allocate`, `map`, `flush`, `free`, and a device transfer in
 //! immediate mode — allocate nothing on the heap.
 //!
-//! Spec: `kmdf-dma-spec.md` §0 (HAL), §1.3 (common buffers), §3.2–§3.3 (map registers).
+//! Spec: `kmdf-dma-spec.md` §0 (HAL), §1.3 (common buffers), §3.2–§3.3 (map registers),
+//! §2.5, §3.5 and §3.10 (system-mode DMA).
 
 mod adapter;
 mod buffer;

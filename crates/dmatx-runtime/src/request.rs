@@ -249,17 +249,15 @@ impl<M> RequestMemory<M> {
     }
 }
 
+// Clones share the one `M`: several transactions, and the issuer's `RequestHandle`, may describe
+// the same bytes. `Send + 'static` hold because `M: Send + Sync + 'static` makes `Arc<M>` so.
 #[expect(
     unsafe_code,
     reason = "the one audited exception: delegating an unsafe trait"
 )]
-// SAFETY: every method delegates to `M`, which keeps the `MemoryDescriptor` contract. The `M`
-// lives in an `Arc` that this value holds, so it is neither dropped nor moved while this value
-// (or a leaked copy of it) exists: its frames stay its own, and its segments do not change.
-// Clones share the one `M` (several transactions, and the issuer's `RequestHandle`, may
-// describe the same bytes); the contract's last clause makes that sound: `M` lends no Rust
-// reference to its bytes, so a device writing them never races one.
-// `Send + 'static` hold because `M: Send + Sync + 'static` makes `Arc<M>` so.
+// SAFETY: every method delegates to `M`, which keeps the contract; the `Arc` keeps `M` alive and
+// unmoved while any clone exists, and `M` lends no reference to its bytes (the contract's last
+// clause), so sharing it never lets a Rust reference race a device.
 unsafe impl<M: MemoryDescriptor + Sync> MemoryDescriptor for RequestMemory<M> {
     fn segment_count(&self) -> usize {
         self.memory.segment_count()

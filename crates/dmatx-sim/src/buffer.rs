@@ -227,11 +227,11 @@ impl Drop for SimBuffer {
     }
 }
 
-// SAFETY: the frames of every segment were allocated for this buffer alone (owner `Buffer` in
-// the frame book) and are returned only by `Drop`, so a leaked buffer keeps them forever; the
-// segments are built once (by `allocate` or `chain`, which moves whole segments) and never
-// changed; `frames.len()` is `pages_spanned(page_offset, length)` by construction. The frames
-// live in the arena held alive by the `Arc<Memory>`.
+// The frames live in the arena held alive by the `Arc<Memory>`; the segments are built once
+// (by `allocate` or `chain`, which moves whole segments) and never changed.
+// SAFETY: each segment's frames are this buffer's alone (owner `Buffer`), returned only by
+// `Drop` (a leaked buffer keeps them), unchanged, `pages_spanned(page_offset, length)` long;
+// accesses copy through the arena, never lending a reference to the bytes.
 unsafe impl MemoryDescriptor for SimBuffer {
     fn segment_count(&self) -> usize {
         self.segments.len()

@@ -483,6 +483,71 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> Result<()>;
 }
 
+/// A plan of which attempts fail: the next `n`, or each one with a probability drawn from a
+/// seeded generator so runs repeat. The low-memory knobs of the simulated platform (DMA object
+/// creations) and of the runtime (its objects' creations) are both one of these.
+///
+/// ```
+/// use dmatx_hal::FailurePlan;
+/// let mut plan = FailurePlan::default();
+/// plan.fail_next(2);
+/// assert_eq!([plan.refuse(), plan.refuse(), plan.refuse()], [true, true, false]);
+/// assert_eq!(plan.counts(), (2, 1));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct FailurePlan {
+    next: u64,
+    per_million: u32,
+    rng: u64,
+    refused: u64,
+    allowed: u64,
+}
+
+impl FailurePlan {
+    /// Make the next `n` attempts fail.
+    pub fn fail_next(&mut self, n: u64) {
+        self.next = n;
+    }
+
+    /// Make each attempt fail with `probability` (clamped to 0..=1; 0 turns it off), drawn from
+    /// a generator seeded with `seed`.
+    pub fn fail_randomly(&mut self, probability: f64, seed: u64) {
+        // Truncation intended: the probability is clamped to 0..=1 first.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let per_million = (probability.clamp(0.0, 1.0) * 1_000_000.0) as u32;
+        self.per_million = per_million;
+        self.rng = seed | 1;
+    }
+
+    /// Whether the attempt being made now fails (and count it).
+    pub fn refuse(&mut self) -> bool {
+        let refuse = if self.next > 0 {
+            self.next -= 1;
+            true
+        } else if self.per_million > 0 {
+            // xorshift64*: deterministic for a seed.
+            self.rng ^= self.rng >> 12;
+            self.rng ^= self.rng << 25;
+            self.rng ^= self.rng >> 27;
+            let draw = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
+            draw % 1_000_000 < u64::from(self.per_million)
+        } else {
+            false
+        };
+        if refuse {
+            self.refused += 1;
+        } else {
+            self.allowed += 1;
+        }
+        refuse
+    }
+
+    /// Attempts refused and allowed so far.
+    pub const fn counts(&self) -> (u64, u64) {
+        (self.refused, self.allowed)
+    }
+}
+
 /// Locate chain offset `offset` in `buffer`: the segment index and the offset inside it.
 ///
 /// Returns `None` if `offset` is at or past the end of the chain.

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use dmatx::hal::Platform;
+use dmatx::hal::{FailurePlan, Platform};
 use dmatx::{DmaDevice, Error, Result};
 
 use crate::sync::lock;
@@ -170,44 +170,10 @@ pub(crate) struct DeviceShared<X> {
     context: X,
     verifier: bool,
     /// The low-memory knob: which object creations fail.
-    faults: Mutex<AllocationFaults>,
+    faults: Mutex<FailurePlan>,
     /// Set while a power transition or delete runs; transitions do not nest or overlap.
     transition: AtomicBool,
     state: Mutex<DevState<X>>,
-}
-
-/// Which object creations fail ([`Device::fail_next_allocations`]).
-#[derive(Debug, Default)]
-struct AllocationFaults {
-    next: u64,
-    per_million: u32,
-    rng: u64,
-    refused: u64,
-    allowed: u64,
-}
-
-impl AllocationFaults {
-    fn refuse(&mut self) -> bool {
-        let refuse = if self.next > 0 {
-            self.next -= 1;
-            true
-        } else if self.per_million > 0 {
-            // xorshift64*: deterministic for a seed.
-            self.rng ^= self.rng >> 12;
-            self.rng ^= self.rng << 25;
-            self.rng ^= self.rng >> 27;
-            let draw = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
-            draw % 1_000_000 < u64::from(self.per_million)
-        } else {
-            false
-        };
-        if refuse {
-            self.refused += 1;
-        } else {
-            self.allowed += 1;
-        }
-        refuse
-    }
 }
 
 /// A device with a typed context (WDFDEVICE). Cheap to clone; clones name the same device.
@@ -268,7 +234,7 @@ impl<X: Send + Sync + 'static> Device<X> {
             shared: Arc::new(DeviceShared {
                 context,
                 verifier: config.verifier.unwrap_or(cfg!(debug_assertions)),
-                faults: Mutex::new(AllocationFaults::default()),
+                faults: Mutex::new(FailurePlan::default()),
                 transition: AtomicBool::new(false),
                 state: Mutex::new(DevState {
                     power: PowerState::D3,
@@ -610,24 +576,18 @@ impl<X: Send + Sync + 'static> Device<X> {
     /// platform, so a driver's low-memory paths can be tested on real hardware too; the
     /// simulator has its own knob for the DMA objects it backs.
     pub fn fail_next_allocations(&self, n: u64) {
-        lock(&self.shared.faults).next = n;
+        lock(&self.shared.faults).fail_next(n);
     }
 
     /// Make each object creation on this device fail with probability `probability` (0 turns
     /// it off), drawn from a generator seeded with `seed` so runs repeat.
     pub fn fail_allocations_randomly(&self, probability: f64, seed: u64) {
-        let mut f = lock(&self.shared.faults);
-        // Truncation intended: the probability is clamped to 0..=1 first.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let per_million = (probability.clamp(0.0, 1.0) * 1_000_000.0) as u32;
-        f.per_million = per_million;
-        f.rng = seed | 1;
+        lock(&self.shared.faults).fail_randomly(probability, seed);
     }
 
     /// Object creations the low-memory knob refused and allowed so far.
     pub fn allocation_counts(&self) -> (u64, u64) {
-        let f = lock(&self.shared.faults);
-        (f.refused, f.allowed)
+        lock(&self.shared.faults).counts()
     }
 
     /// An object is being created on this device: fails if the device was deleted or the

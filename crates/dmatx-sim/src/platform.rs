@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use dmatx_hal::{
-    DeviceDescription, Direction, DmaVersion, Error, PAGE_SIZE, PhysAddr, Platform, Result,
-    SystemChannel,
+    DeviceDescription, Direction, DmaVersion, Error, FailurePlan, PAGE_SIZE, PhysAddr, Platform,
+    Result, SystemChannel,
 };
 
 use crate::adapter::{AdapterConfig, AdapterInner, AdapterMode, AdapterStats, SimAdapter};
@@ -120,46 +120,7 @@ pub(crate) struct Shared {
     /// Final counters of dropped adapters.
     pub(crate) retired: Mutex<Vec<AdapterStats>>,
     /// Failure plan for DMA object creations (transactions, common buffers).
-    pub(crate) creations: Mutex<CreationFaults>,
-}
-
-/// Which DMA object creations fail (the low-memory knob).
-#[derive(Debug, Default)]
-pub(crate) struct CreationFaults {
-    /// The next this many creations fail.
-    next: u64,
-    /// Fail each creation with this probability (per million), drawn from `rng`.
-    per_million: u32,
-    rng: u64,
-    /// Creations refused so far.
-    pub(crate) refused: u64,
-    /// Creations allowed so far.
-    pub(crate) allowed: u64,
-}
-
-impl CreationFaults {
-    /// Whether the creation being attempted now fails.
-    pub(crate) fn refuse(&mut self) -> bool {
-        let refuse = if self.next > 0 {
-            self.next -= 1;
-            true
-        } else if self.per_million > 0 {
-            // xorshift64*: deterministic for a seed.
-            self.rng ^= self.rng >> 12;
-            self.rng ^= self.rng << 25;
-            self.rng ^= self.rng >> 27;
-            let draw = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
-            draw % 1_000_000 < u64::from(self.per_million)
-        } else {
-            false
-        };
-        if refuse {
-            self.refused += 1;
-        } else {
-            self.allowed += 1;
-        }
-        refuse
-    }
+    pub(crate) creations: Mutex<FailurePlan>,
 }
 
 struct Adapters {
@@ -246,7 +207,7 @@ impl SimPlatform {
                     violations: Mutex::new(Vec::new()),
                     issues: Mutex::new(Vec::new()),
                     retired: Mutex::new(Vec::new()),
-                    creations: Mutex::new(CreationFaults::default()),
+                    creations: Mutex::new(FailurePlan::default()),
                 }),
                 placement: config.placement,
                 adapters: Mutex::new(Adapters {
@@ -381,24 +342,18 @@ impl SimPlatform {
     /// Make the next `n` DMA object creations fail with `InsufficientResources`: creating a
     /// transaction (its adapters refuse to register it) or a common buffer. The low-memory knob.
     pub fn fail_next_creations(&self, n: u64) {
-        lock(&self.inner.shared.creations).next = n;
+        lock(&self.inner.shared.creations).fail_next(n);
     }
 
     /// Make each DMA object creation fail with probability `probability` (0 turns it off),
     /// drawn from a generator seeded with `seed` so runs repeat.
     pub fn fail_creations_randomly(&self, probability: f64, seed: u64) {
-        let mut c = lock(&self.inner.shared.creations);
-        // Truncation intended: the probability is clamped to 0..=1 first.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let per_million = (probability.clamp(0.0, 1.0) * 1_000_000.0) as u32;
-        c.per_million = per_million;
-        c.rng = seed | 1;
+        lock(&self.inner.shared.creations).fail_randomly(probability, seed);
     }
 
     /// DMA object creations refused and allowed so far by the low-memory knob.
     pub fn creation_counts(&self) -> (u64, u64) {
-        let c = lock(&self.inner.shared.creations);
-        (c.refused, c.allowed)
+        lock(&self.inner.shared.creations).counts()
     }
 
     /// Set the configuration of adapters created from now on (unless overridden).

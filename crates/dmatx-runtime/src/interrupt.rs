@@ -10,13 +10,12 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use dmatx::{Error, Result};
 
 use crate::device::{Device, Switch, WorkerControl};
-use crate::sync::{OwnedGuard, OwnedLock, lock, misuse, verify, wait, wait_for};
+use crate::sync::{OwnedGuard, OwnedLock, Worker, lock, misuse, verify, wait, wait_for};
 
 /// The ISR (`EvtInterruptIsr`): the interrupt and the message ID; returns whether the device
 /// was interrupting (the interrupt is claimed).
@@ -116,8 +115,7 @@ struct InterruptShared<X> {
     core: Arc<Core>,
     device: Device<X>,
     config: InterruptConfig<X>,
-    worker: Mutex<Option<JoinHandle<()>>>,
-    worker_id: Mutex<Option<ThreadId>>,
+    worker: Worker,
 }
 
 /// An interrupt. Cheap to clone; clones name the same interrupt.
@@ -178,17 +176,13 @@ impl<X: Send + Sync + 'static> Interrupt<X> {
             core: Arc::new(Core::default()),
             device: device.clone(),
             config,
-            worker: Mutex::new(None),
-            worker_id: Mutex::new(None),
+            worker: Worker::default(),
         });
         let weak = Arc::downgrade(&shared);
         let core = Arc::clone(&shared.core);
-        let worker = std::thread::Builder::new()
-            .name("dmatx-dpc".into())
-            .spawn(move || dpc_worker(&core, &weak))
-            .map_err(|_| Error::InsufficientResources)?;
-        *lock(&shared.worker_id) = Some(worker.thread().id());
-        *lock(&shared.worker) = Some(worker);
+        shared
+            .worker
+            .start("dmatx-dpc", move || dpc_worker(&core, &weak))?;
         let control: Weak<dyn WorkerControl> = Arc::downgrade(&shared) as Weak<dyn WorkerControl>;
         let switch = match device.register_interrupt(control) {
             Ok(switch) => switch,
@@ -402,13 +396,7 @@ impl<X> InterruptShared<X> {
     fn stop_worker(&self) {
         lock(&self.core.dpc).stop = true;
         self.core.dpc_changed.notify_all();
-        let worker = lock(&self.worker).take();
-        let on_worker = *lock(&self.worker_id) == Some(std::thread::current().id());
-        if let Some(w) = worker
-            && !on_worker
-        {
-            let _ = w.join();
-        }
+        self.worker.join();
     }
 }
 

@@ -7,7 +7,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
+
+use dmatx::{Error, Result};
 
 /// Lock `m`, ignoring poison.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,4 +109,43 @@ pub(crate) fn verify<T>(verifier: bool, result: dmatx::Result<T>) -> dmatx::Resu
         panic!("{m}");
     }
     result
+}
+
+/// The worker thread an interrupt (DPCs) or a timer (callbacks) owns.
+#[derive(Default)]
+pub(crate) struct Worker {
+    handle: Mutex<Option<JoinHandle<()>>>,
+    id: Mutex<Option<ThreadId>>,
+}
+
+impl Worker {
+    /// Start the thread, named `name`, running `body`.
+    ///
+    /// # Errors
+    /// [`Error::InsufficientResources`] if the thread cannot be started.
+    pub(crate) fn start(&self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<()> {
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(body)
+            .map_err(|_| Error::InsufficientResources)?;
+        *lock(&self.id) = Some(handle.thread().id());
+        *lock(&self.handle) = Some(handle);
+        Ok(())
+    }
+
+    /// Whether the calling thread is this worker.
+    pub(crate) fn is_current(&self) -> bool {
+        *lock(&self.id) == Some(std::thread::current().id())
+    }
+
+    /// Wait for the thread to end (the caller has told it to stop), unless the caller is the
+    /// thread itself, which ends when it returns.
+    pub(crate) fn join(&self) {
+        let handle = lock(&self.handle).take();
+        if let Some(handle) = handle
+            && !self.is_current()
+        {
+            let _ = handle.join();
+        }
+    }
 }

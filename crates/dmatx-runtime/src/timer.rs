@@ -5,13 +5,12 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use dmatx::{Error, Result};
 
 use crate::device::{Device, WorkerControl};
-use crate::sync::{lock, misuse, verify, wait, wait_for};
+use crate::sync::{Worker, lock, misuse, verify, wait, wait_for};
 
 /// The timer callback (`EvtTimerFunc`).
 pub type TimerCallback<X> = fn(&Timer<X>);
@@ -57,8 +56,7 @@ struct TimerShared<X> {
     core: Arc<Core>,
     device: Device<X>,
     config: TimerConfig<X>,
-    worker: Mutex<Option<JoinHandle<()>>>,
-    worker_id: Mutex<Option<ThreadId>>,
+    worker: Worker,
 }
 
 /// A one-shot timer. Cheap to clone; clones name the same timer.
@@ -96,17 +94,13 @@ impl<X: Send + Sync + 'static> Timer<X> {
             core: Arc::new(Core::default()),
             device: device.clone(),
             config,
-            worker: Mutex::new(None),
-            worker_id: Mutex::new(None),
+            worker: Worker::default(),
         });
         let weak = Arc::downgrade(&shared);
         let core = Arc::clone(&shared.core);
-        let worker = std::thread::Builder::new()
-            .name("dmatx-timer".into())
-            .spawn(move || timer_worker(&core, &weak))
-            .map_err(|_| Error::InsufficientResources)?;
-        *lock(&shared.worker_id) = Some(worker.thread().id());
-        *lock(&shared.worker) = Some(worker);
+        shared
+            .worker
+            .start("dmatx-timer", move || timer_worker(&core, &weak))?;
         let control: Weak<dyn WorkerControl> = Arc::downgrade(&shared) as Weak<dyn WorkerControl>;
         if let Err(e) = device.register_timer(control) {
             shared.shutdown();
@@ -185,7 +179,7 @@ impl<X: Send + Sync + 'static> Timer<X> {
     }
 
     fn on_worker(&self) -> bool {
-        *lock(&self.shared.worker_id) == Some(std::thread::current().id())
+        self.shared.worker.is_current()
     }
 
     /// Whether the timer is queued.
@@ -268,13 +262,7 @@ impl<X> TimerShared<X> {
             st.due = None;
         }
         self.core.changed.notify_all();
-        let worker = lock(&self.worker).take();
-        let on_worker = *lock(&self.worker_id) == Some(std::thread::current().id());
-        if let Some(w) = worker
-            && !on_worker
-        {
-            let _ = w.join();
-        }
+        self.worker.join();
     }
 }
 

@@ -1127,51 +1127,25 @@ where
         adapter.flush(registers, buffer, position, g.current, g.direction)
     }
 
-    /// Finish the run: set the final state and take out the per-run resources.
-    fn finish(&self, g: &mut Inner<P, C, B>, state: State) -> Leftovers<C> {
-        g.state = state;
-        g.current = 0;
-        g.next = 0;
-        g.ready = false;
-        g.programmed = false;
-        let packet_slot = core::mem::take(&mut g.holds_packet_slot);
-        if core::mem::take(&mut g.request_held)
-            && let Some(request) = &g.request
-        {
-            request.set_dma_active(false);
+    /// Withdraw this transaction's queued register request, if there is one. Whoever withdraws
+    /// calls `dispatch_queued` on the direction's adapter once the lock is dropped: requests
+    /// queued behind it may fit now.
+    fn withdraw_queued(&self, g: &mut Inner<P, C, B>) -> bool {
+        let withdrawn = g.queued
+            && self
+                .enabler
+                .record(g.direction)
+                .is_some_and(|r| r.adapter.cancel_allocation(&self.waiter));
+        if withdrawn {
+            g.queued = false;
         }
-        g.mapped = false;
-        g.deferred_done = None;
-        // A system transaction keeps its channel (and registers) until release (spec §3.3).
-        let registers = match self.kind {
-            TransactionKind::System => None,
-            _ => g.registers.take(),
-        };
-        Leftovers {
-            direction: g.direction,
-            registers,
-            context: g.context.take(),
-            packet_slot,
-            request: None,
-        }
+        withdrawn
     }
 
-    /// Return what [`Transaction::finish`] or [`Transaction::reset`] took out. Call with no
-    /// lock held.
-    fn dispose(&self, leftovers: Leftovers<C>) {
-        if let Some(registers) = leftovers.registers {
-            self.return_registers(registers, leftovers.direction);
-        }
-        if leftovers.packet_slot {
-            self.enabler.device.give_back_packet_slot();
-        }
-        drop(leftovers.context);
-        drop(leftovers.request);
-    }
-
-    fn return_registers(&self, registers: MapRegisters, direction: Direction) {
+    /// Let requests queued on `direction`'s adapter behind a withdrawn one run.
+    fn dispatch_queued(&self, direction: Direction) {
         if let Some(record) = self.enabler.record(direction) {
-            record.adapter.free(registers);
+            record.adapter.dispatch_queued();
         }
     }
 
@@ -1238,16 +1212,9 @@ where
         if matches!(g.state, State::Created | State::Released | State::Deleted) {
             return Err(self.misuse(Call::Cancel, g.state, CANCEL_STATE));
         }
-        if !g.queued {
+        if !self.withdraw_queued(&mut g) {
             return Ok(false);
         }
-        let Some(record) = self.enabler.record(g.direction) else {
-            return Ok(false);
-        };
-        if !record.adapter.cancel_allocation(&self.waiter) {
-            return Ok(false);
-        }
-        g.queued = false;
         // A withdrawn reservation is cleared, so the transaction can reserve again (KMDF keeps
         // the count with no registers behind it: docs/quirks.md).
         let withdrawn = if g
@@ -1260,12 +1227,12 @@ where
         } else {
             None
         };
+        let direction = g.direction;
         let leftovers = self.finish(&mut g, State::TransferFailed);
         drop(g);
         self.dispose(leftovers);
         drop(withdrawn);
-        // Requests queued behind the withdrawn one may fit now.
-        record.adapter.dispatch_queued();
+        self.dispatch_queued(direction);
         Ok(true)
     }
 
@@ -1422,17 +1389,10 @@ where
         if matches!(g.state, State::Created | State::Transfer | State::Deleted) {
             return Err(self.misuse(Call::FreeResources, g.state, FREE_STATE));
         }
-        let mut withdrew = false;
+        let withdrew = self.withdraw_queued(&mut g);
         if g.queued {
-            let withdrawn = self
-                .enabler
-                .record(g.direction)
-                .is_some_and(|r| r.adapter.cancel_allocation(&self.waiter));
-            if !withdrawn {
-                return Err(Error::InvalidDeviceState);
-            }
-            g.queued = false;
-            withdrew = true;
+            // Being granted at this very moment: the reserve callback is about to run.
+            return Err(Error::InvalidDeviceState);
         }
         let reserved = g.reservation.take().and_then(|r| r.registers);
         let callback = g.reserve_callback.take();
@@ -1445,9 +1405,8 @@ where
         if let Some(registers) = reserved {
             self.return_registers(registers, direction);
         }
-        if withdrew && let Some(record) = self.enabler.record(direction) {
-            // Requests queued behind the withdrawn one may fit now.
-            record.adapter.dispatch_queued();
+        if withdrew {
+            self.dispatch_queued(direction);
         }
         Ok(buffer)
     }
@@ -1489,16 +1448,14 @@ where
         let Some(record) = self.enabler.record(g.direction) else {
             return Ok(SystemStopOutcome::NotRunning);
         };
-        if g.state == State::Transfer && g.queued && g.reservation.is_none() {
-            if !record.adapter.cancel_allocation(&self.waiter) {
-                // Being granted right now: the staging will find the stop.
-                return Ok(SystemStopOutcome::NotRunning);
-            }
-            g.queued = false;
+        // Waiting for the channel: withdraw and finish now. (If the grant is under way, the
+        // withdraw fails and the staging finds the stop.)
+        if g.state == State::Transfer && g.reservation.is_none() && self.withdraw_queued(&mut g) {
+            let direction = g.direction;
             let leftovers = self.finish(&mut g, State::TransferFailed);
             drop(g);
             self.dispose(leftovers);
-            record.adapter.dispatch_queued();
+            self.dispatch_queued(direction);
             return Ok(SystemStopOutcome::Withdrawn);
         }
         if !(g.state == State::Transfer && g.programmed && g.mapped) {
@@ -1846,31 +1803,80 @@ where
     /// transfer is in flight, the buffer is dropped and registers, reservation and v2 slot are
     /// returned; the state becomes Deleted.
     fn withdraw(&self) {
-        let mut g = self.inner.lock();
-        if g.queued
-            && self
-                .enabler
-                .record(g.direction)
-                .is_some_and(|r| r.adapter.cancel_allocation(&self.waiter))
-        {
-            g.queued = false;
-        }
+        // The enabler lets the queue move on after its children are deleted.
+        self.withdraw_queued(&mut self.inner.lock());
     }
 
     fn delete_by_parent(&self) {
-        let mut g = self.inner.lock();
-        if g.state == State::Deleted {
-            return;
+        let g = self.inner.lock();
+        if g.state != State::Deleted {
+            self.tear_down(g);
         }
-        // A request still queued (the withdraw lost a race with its grant) is not in flight:
-        // the grant finds the transaction Deleted and returns the registers.
+    }
+}
+
+impl<P: Platform, C, B> Transaction<P, C, B> {
+    /// Finish the run: set the final state and take out the per-run resources.
+    fn finish(&self, g: &mut Inner<P, C, B>, state: State) -> Leftovers<C> {
+        g.state = state;
+        g.current = 0;
+        g.next = 0;
+        g.ready = false;
+        g.programmed = false;
+        let packet_slot = core::mem::take(&mut g.holds_packet_slot);
+        if core::mem::take(&mut g.request_held)
+            && let Some(request) = &g.request
+        {
+            request.set_dma_active(false);
+        }
+        g.mapped = false;
+        g.deferred_done = None;
+        // A system transaction keeps its channel (and registers) until release (spec §3.3).
+        let registers = match self.kind {
+            TransactionKind::System => None,
+            _ => g.registers.take(),
+        };
+        Leftovers {
+            direction: g.direction,
+            registers,
+            context: g.context.take(),
+            packet_slot,
+            request: None,
+        }
+    }
+
+    /// Return what [`Transaction::finish`] or [`Transaction::reset`] took out. Call with no
+    /// lock held.
+    fn dispose(&self, leftovers: Leftovers<C>) {
+        if let Some(registers) = leftovers.registers {
+            self.return_registers(registers, leftovers.direction);
+        }
+        if leftovers.packet_slot {
+            self.enabler.device.give_back_packet_slot();
+        }
+        drop(leftovers.context);
+        drop(leftovers.request);
+    }
+
+    fn return_registers(&self, registers: MapRegisters, direction: Direction) {
+        if let Some(record) = self.enabler.record(direction) {
+            record.adapter.free(registers);
+        }
+    }
+
+    /// Delete the transaction (dropped, or deleted with its device): if a transfer may be in
+    /// flight, keep its buffer, registers, reservation, v2 packet slot and request hold forever
+    /// (the device may still use them); otherwise give everything back. A request still queued
+    /// (a withdraw that lost a race with its grant) is not in flight: the grant finds the
+    /// transaction Deleted and returns the registers.
+    fn tear_down(&self, mut g: MutexGuard<'_, Inner<P, C, B>>) {
         let in_flight = g.state == State::Transfer && (g.programmed || g.ready);
-        g.state = State::Deleted;
         if in_flight {
-            // As for a transaction dropped mid-transfer: the device may still use the buffer
-            // and registers, so they are never returned.
+            // KMDF: fatal with the verifier. The leak shows in the platform's pool
+            // (docs/quirks.md 31); `holds_packet_slot` and `request_held` stay set, so later v2
+            // executes on the device get WdfBusy and the request cannot complete.
+            g.state = State::Deleted;
             core::mem::forget(g.buffer.take());
-            // Not returned to the pool: the device may still use the mapping.
             let _never_freed = (g.registers.take(), g.reservation.take());
             return;
         }
@@ -1886,6 +1892,7 @@ where
         g.transferred = 0;
         drop(g);
         self.dispose(leftovers);
+        // Deleting a transaction returns its reservation too (statement 100).
         if let Some(registers) = reserved {
             self.return_registers(registers, direction);
         }
@@ -1896,41 +1903,11 @@ where
 
 impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
     fn drop(&mut self) {
-        let mut g = self.inner.lock();
-        let in_flight = g.state == State::Transfer && (g.programmed || g.ready);
-        let direction = g.direction;
-        let registers = g.registers.take();
-        let reserved = g.reservation.take().and_then(|r| r.registers);
-        let packet_slot = core::mem::take(&mut g.holds_packet_slot);
-        if !in_flight
-            && core::mem::take(&mut g.request_held)
-            && let Some(request) = &g.request
-        {
-            // Dropped after a failed stage (a panic in program-DMA) without a release: the run
-            // is over, so the request may complete.
-            request.set_dma_active(false);
-        }
-        if in_flight {
-            // Deleted while the device may be using the buffer (KMDF: fatal with the verifier).
-            // Keep the buffer, the registers and (v2) the device's packet slot forever rather
-            // than let the device write into memory that is freed or reused, or let another
-            // packet transaction program a device that may still be busy; the leak shows in
-            // the platform's pool (docs/quirks.md).
-            core::mem::forget(g.buffer.take());
-            drop(g);
-            // Not returned to the pool: the device may still use the mapping.
-            let _never_freed = (registers, reserved);
+        let g = self.inner.lock();
+        if g.state != State::Deleted {
+            self.tear_down(g);
         } else {
             drop(g);
-            if let Some(record) = self.enabler.record(direction) {
-                // Deleting a transaction returns its reservation too (statement 100).
-                for registers in [registers, reserved].into_iter().flatten() {
-                    record.adapter.free(registers);
-                }
-            }
-            if packet_slot {
-                self.enabler.device.give_back_packet_slot();
-            }
         }
         for record in self.enabler.configured_records() {
             record.adapter.unregister_waiter();

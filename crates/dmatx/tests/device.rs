@@ -267,3 +267,23 @@ fn deleting_the_device_keeps_an_in_flight_transfer_s_memory() {
     assert!(sim.check_clean().is_err(), "the in-flight mapping is kept");
     assert!(t.dma_completed().is_err());
 }
+
+#[test]
+fn a_v2_transaction_deleted_in_flight_keeps_the_packet_slot_after_its_drop() {
+    // Deleted with the device mid-transfer, then dropped: the device may still run the
+    // transfer, so no other v2 packet transaction may start on it.
+    let sim = sim(8);
+    let device = DmaDevice::new(sim.clone());
+    let config = EnablerConfig::new(Profile::Packet, 8192)
+        .with_version(DmaVersion::V2)
+        .with_verifier(false);
+    let e = Enabler::create(&device, config).unwrap();
+    let t = Tx::create(&e).unwrap();
+    t.initialize_using_offset(record, W, buffer(&sim, 4096, 0), 0, 4096)
+        .unwrap();
+    t.execute(Log::new()).unwrap();
+    device.delete();
+    drop(t);
+    assert!(e.packet_slot_taken(), "the slot stays with the deleted transfer");
+    assert!(sim.check_clean().is_err(), "its mapping is kept too");
+}

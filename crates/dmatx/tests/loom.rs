@@ -73,18 +73,24 @@ fn program(t: &Tx, probe: &Arc<Probe>, _: Direction, sg: &[SgElement]) -> bool {
 /// Two transfers of 4 KiB (N = 2 registers → F = 4 KiB).
 fn setup(profile: Profile) -> (MockPlatform, Arc<Tx>, Arc<Probe>) {
     let platform = MockPlatform::new(2);
+    let t = transaction_on(&platform, EnablerConfig::new(profile, 1 << 20), 8192);
+    (platform, t, Arc::new(Probe::default()))
+}
+
+/// A transaction of `length` bytes, initialized, on a new enabler of `platform`.
+fn transaction_on(platform: &MockPlatform, config: EnablerConfig, length: u64) -> Arc<Tx> {
     let device = DmaDevice::new(platform.clone());
-    let enabler = Enabler::create(&device, EnablerConfig::new(profile, 1 << 20)).unwrap();
+    let enabler = Enabler::create(&device, config).unwrap();
     let t = Tx::create(&enabler).unwrap();
     t.initialize_using_offset(
         program,
         Direction::WriteToDevice,
-        MockBuffer::new(8192),
+        MockBuffer::new(length),
         0,
-        8192,
+        length,
     )
     .unwrap();
-    (platform, t, Arc::new(Probe::default()))
+    t
 }
 
 /// The device completes each transfer from another thread, possibly while program-DMA for that
@@ -172,18 +178,8 @@ fn sg_completion_inside_program_dma() {
 /// `registers` map registers.
 fn queueing_setup(profile: Profile, registers: u32, length: u64) -> (MockPlatform, Arc<Tx>) {
     let platform = MockPlatform::queueing(registers);
-    let device = DmaDevice::new(platform.clone());
     let config = EnablerConfig::new(profile, 1 << 20).with_version(dmatx::DmaVersion::V3);
-    let enabler = Enabler::create(&device, config).unwrap();
-    let t = Tx::create(&enabler).unwrap();
-    t.initialize_using_offset(
-        program,
-        Direction::WriteToDevice,
-        MockBuffer::new(length),
-        0,
-        length,
-    )
-    .unwrap();
+    let t = transaction_on(&platform, config, length);
     (platform, t)
 }
 

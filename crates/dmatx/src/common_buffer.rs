@@ -231,17 +231,9 @@ impl<P: Platform> CommonBuffer<P> {
     /// [`Error::InvalidParameter`] if the range runs past [`CommonBuffer::length`];
     /// [`Error::InvalidDeviceState`] once the device was deleted.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<()> {
-        self.check(offset, out.len())?;
-        let allocation = self.memory.allocation.lock();
-        let (Some(allocation), Some(record)) = (
-            allocation.as_ref(),
-            self.memory.enabler.record(Direction::ReadFromDevice),
-        ) else {
-            return Err(Error::InvalidDeviceState);
-        };
-        record
-            .adapter
-            .read_common_buffer(allocation, self.skew + offset, out)
+        self.access(offset, out.len(), |adapter, allocation, at| {
+            adapter.read_common_buffer(allocation, at, out)
+        })
     }
 
     /// Copy `data` into the buffer at `offset` (from the aligned start).
@@ -250,26 +242,34 @@ impl<P: Platform> CommonBuffer<P> {
     /// [`Error::InvalidParameter`] if the range runs past [`CommonBuffer::length`];
     /// [`Error::InvalidDeviceState`] once the device was deleted.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check(offset, data.len())?;
-        let allocation = self.memory.allocation.lock();
-        let (Some(allocation), Some(record)) = (
-            allocation.as_ref(),
-            self.memory.enabler.record(Direction::ReadFromDevice),
-        ) else {
-            return Err(Error::InvalidDeviceState);
-        };
-        record
-            .adapter
-            .write_common_buffer(allocation, self.skew + offset, data)
+        self.access(offset, data.len(), |adapter, allocation, at| {
+            adapter.write_common_buffer(allocation, at, data)
+        })
     }
 
-    fn check(&self, offset: u64, len: usize) -> Result<()> {
+    /// Check `len` bytes at `offset` lie in the buffer and run `copy` with the adapter, the
+    /// allocation (held, so a concurrent delete waits) and the allocation offset.
+    fn access(
+        &self,
+        offset: u64,
+        len: usize,
+        copy: impl FnOnce(&P::Adapter, &CommonAllocation, u64) -> Result<()>,
+    ) -> Result<()> {
         let end = offset
             .checked_add(len as u64)
             .ok_or(Error::InvalidParameter)?;
         if end > self.length {
             return Err(Error::InvalidParameter);
         }
-        Ok(())
+        let allocation = self.memory.allocation.lock();
+        match (
+            allocation.as_ref(),
+            self.memory.enabler.record(Direction::ReadFromDevice),
+        ) {
+            (Some(allocation), Some(record)) => {
+                copy(&record.adapter, allocation, self.skew + offset)
+            }
+            _ => Err(Error::InvalidDeviceState),
+        }
     }
 }

@@ -307,6 +307,31 @@ pub(crate) struct AdapterRecord<A> {
     pub(crate) fragment_length: u64,
 }
 
+impl<A: Adapter> AdapterRecord<A> {
+    /// Ask `platform` for the adapter `description` describes (spec §1.1 "Adapter
+    /// acquisition"): N is what it grants, F = min(MaximumLength, (N − 1) × PAGE_SIZE).
+    ///
+    /// # Errors
+    /// [`Error::Unsuccessful`] if the platform refuses or grants fewer than two registers.
+    fn acquire<P: Platform<Adapter = A>>(
+        platform: &P,
+        description: &DeviceDescription,
+    ) -> Result<Self> {
+        let adapter = platform
+            .adapter(description)
+            .map_err(|_| Error::Unsuccessful)?;
+        let n = adapter.map_register_count();
+        if n < 2 {
+            return Err(Error::Unsuccessful);
+        }
+        Ok(Self {
+            adapter,
+            map_registers: n,
+            fragment_length: description.maximum_length.min(u64::from(n - 1) * PAGE_SIZE),
+        })
+    }
+}
+
 pub(crate) struct EnablerShared<P: Platform> {
     pub(crate) device: Arc<DeviceShared<P>>,
     pub(crate) profile: Profile,
@@ -513,21 +538,10 @@ impl<P: Platform> Enabler<P> {
                     duplex: profile.is_duplex(),
                     system: None,
                 };
-                let adapter = device
-                    .shared()
-                    .platform
-                    .adapter(&description)
-                    .map_err(|_| Error::Unsuccessful)?;
-                let n = adapter.map_register_count();
-                if n < 2 {
-                    return Err(Error::Unsuccessful);
-                }
-                let fragment_length = config.maximum_length.min(u64::from(n - 1) * PAGE_SIZE);
-                records[direction.index()] = Some(AdapterRecord {
-                    adapter,
-                    map_registers: n,
-                    fragment_length,
-                });
+                records[direction.index()] = Some(AdapterRecord::acquire(
+                    &device.shared().platform,
+                    &description,
+                )?);
             }
         }
         // KMDF computes the common-buffer alignment only for SG profiles (a quirk); dmatx does
@@ -614,21 +628,8 @@ impl<P: Platform> Enabler<P> {
                 device_address: config.device_address,
             }),
         };
-        let adapter = shared
-            .device
-            .platform
-            .adapter(&description)
-            .map_err(|_| Error::Unsuccessful)?;
-        let n = adapter.map_register_count();
-        if n < 2 {
-            return Err(Error::Unsuccessful);
-        }
-        let fragment_length = shared.maximum_length.min(u64::from(n - 1) * PAGE_SIZE);
-        shared.records[index].call_once(|| AdapterRecord {
-            adapter,
-            map_registers: n,
-            fragment_length,
-        });
+        let record = AdapterRecord::acquire(&shared.device.platform, &description)?;
+        shared.records[index].call_once(|| record);
         Ok(())
     }
 

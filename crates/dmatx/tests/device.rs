@@ -284,6 +284,9 @@ fn a_v2_transaction_deleted_in_flight_keeps_the_packet_slot_after_its_drop() {
     t.execute(Log::new()).unwrap();
     device.delete();
     drop(t);
-    assert!(e.packet_slot_taken(), "the slot stays with the deleted transfer");
+    assert!(
+        e.packet_slot_taken(),
+        "the slot stays with the deleted transfer"
+    );
     assert!(sim.check_clean().is_err(), "its mapping is kept too");
 }

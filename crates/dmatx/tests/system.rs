@@ -111,6 +111,21 @@ fn setup(n: u32) -> (MockPlatform, Enabler<MockPlatform>) {
     (platform, e)
 }
 
+/// A transaction with the transfer-complete callback, initialized to write `length` bytes.
+fn initialized(e: &Enabler<MockPlatform>, length: u64) -> Arc<Tx> {
+    let t = tx(e);
+    t.initialize_using_offset(program, W, MockBuffer::new(length), 0, length)
+        .unwrap();
+    t
+}
+
+/// Release `t`, drop it, and check the platform is back to rest.
+fn release_and_check(platform: &MockPlatform, t: Arc<Tx>) {
+    t.release().unwrap();
+    drop(t);
+    platform.assert_clean();
+}
+
 fn tx(e: &Enabler<MockPlatform>) -> Arc<Tx> {
     let t = Tx::create(e).unwrap();
     t.set_transfer_complete_callback(Some(done)).unwrap();
@@ -219,10 +234,8 @@ fn a_system_transaction_runs_each_transfer_through_the_controller() {
     // F = 3 pages: a 20 000-byte write is two transfers; each is configured, mapped,
     // programmed, finished by the controller and reported from the transfer-complete callback.
     let (platform, e) = setup(4);
-    let t = tx(&e);
+    let t = initialized(&e, 20_000);
     t.set_channel_configuration_callback(Some(configure))
-        .unwrap();
-    t.initialize_using_offset(program, W, MockBuffer::new(20_000), 0, 20_000)
         .unwrap();
     let seen = Seen::new();
     t.execute(Arc::clone(&seen)).unwrap();
@@ -248,9 +261,7 @@ fn a_system_transaction_runs_each_transfer_through_the_controller() {
         ]
     );
     assert_eq!(t.bytes_transferred(), 20_000);
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
@@ -312,9 +323,7 @@ fn stmt_079_system_callbacks_survive_release() {
     assert!(platform.finish_system_transfer());
     assert_eq!(seen.events(), ["program 4096"]);
     assert_eq!(t.dma_completed(), Ok(Completion::Finished(Ok(()))));
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
@@ -340,9 +349,7 @@ fn stmt_080_the_device_address_offset_is_set_after_initialize_and_applies_to_eve
     t.initialize_using_offset(program, W, MockBuffer::new(4096), 0, 4096)
         .unwrap();
     assert_eq!(t.device_address_offset(), 0, "initialize resets it");
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
@@ -366,9 +373,7 @@ fn stmt_085_stop_on_a_non_system_transaction_is_refused() {
 #[test]
 fn stmt_086_087_088_stop_during_a_transfer_reports_cancelled_and_ends_the_transaction() {
     let (platform, e) = setup(2);
-    let t = tx(&e);
-    t.initialize_using_offset(program, W, MockBuffer::new(8192), 0, 8192)
-        .unwrap();
+    let t = initialized(&e, 8192);
     let seen = Seen::new();
     // The driver reports the stopped transfer with a plain completion: it needs another
     // transfer, so it finishes with Cancelled (87).
@@ -393,17 +398,13 @@ fn stmt_086_087_088_stop_during_a_transfer_reports_cancelled_and_ends_the_transa
     );
     assert_eq!(t.state(), State::TransferFailed);
     assert_eq!(t.stop_system_transfer(), Ok(SystemStopOutcome::NotRunning));
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
 fn stmt_089_a_stop_before_the_first_transfer_is_reported_without_program_dma() {
     let (platform, e) = setup(4);
-    let t = tx(&e);
-    t.initialize_using_offset(program, W, MockBuffer::new(8192), 0, 8192)
-        .unwrap();
+    let t = initialized(&e, 8192);
     assert_eq!(t.stop_system_transfer(), Ok(SystemStopOutcome::NotRunning));
     let seen = Seen::new();
     t.execute(Arc::clone(&seen)).unwrap();
@@ -419,9 +420,7 @@ fn stmt_089_a_stop_before_the_first_transfer_is_reported_without_program_dma() {
     );
     assert!(platform.system_maps().is_empty(), "nothing was mapped");
     assert_eq!(t.bytes_transferred(), 0);
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
@@ -436,9 +435,7 @@ fn a_stopped_first_transfer_without_a_callback_finishes_the_transaction() {
     assert_eq!(t.execute(Arc::clone(&seen)), Err(Error::Cancelled));
     assert_eq!(t.state(), State::TransferFailed);
     assert!(seen.events().is_empty());
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
@@ -467,9 +464,7 @@ fn stop_while_waiting_for_the_channel_withdraws_and_finishes() {
 #[test]
 fn stmt_090_a_completion_during_program_dma_waits_for_it() {
     let (platform, e) = setup(2);
-    let t = tx(&e);
-    t.initialize_using_offset(program, W, MockBuffer::new(8192), 0, 8192)
-        .unwrap();
+    let t = initialized(&e, 8192);
     let seen = Seen::new();
     // The controller finishes each transfer while program-DMA is still running.
     *seen.finish_inside_program.lock().unwrap() = Some(platform.clone());
@@ -485,18 +480,14 @@ fn stmt_090_a_completion_during_program_dma_waits_for_it() {
     );
     assert_eq!(t.state(), State::TransferCompleted);
     *seen.finish_inside_program.lock().unwrap() = None;
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
 fn stmt_091_a_false_channel_configuration_suppresses_mapping_and_program_dma() {
     let (platform, e) = setup(4);
-    let t = tx(&e);
+    let t = initialized(&e, 4096);
     t.set_channel_configuration_callback(Some(configure))
-        .unwrap();
-    t.initialize_using_offset(program, W, MockBuffer::new(4096), 0, 4096)
         .unwrap();
     let seen = Seen::new();
     *seen.configure_answer.lock().unwrap() = false;
@@ -512,17 +503,13 @@ fn stmt_091_a_false_channel_configuration_suppresses_mapping_and_program_dma() {
         (t.state(), t.bytes_transferred()),
         (State::TransferCompleted, 0)
     );
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }
 
 #[test]
 fn a_system_reservation_takes_the_whole_channel() {
     let (platform, e) = setup(4);
-    let t = tx(&e);
-    t.initialize_using_offset(program, W, MockBuffer::new(4096), 0, 4096)
-        .unwrap();
+    let t = initialized(&e, 4096);
     fn reserved(_: &Tx, seen: &Arc<Seen>) {
         seen.log("reserved".into());
     }
@@ -576,7 +563,5 @@ fn a_transfer_complete_callback_completing_twice_gets_misuse_and_nothing_is_lost
     );
     assert_eq!(t.state(), State::TransferCompleted);
     assert_eq!(t.bytes_transferred(), 8192);
-    t.release().unwrap();
-    drop(t);
-    platform.assert_clean();
+    release_and_check(&platform, t);
 }

@@ -45,13 +45,7 @@ fn cancel_before_delivery_completes_without_the_driver() {
     assert_eq!(h.cancel(), Ok(true));
     let c = done(&h);
     assert_eq!((c.status, c.information), (Err(Error::Cancelled), 0));
-    assert_eq!(
-        s.driver()
-            .counters
-            .transfers
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(s.count(|c| &c.transfers), 0);
     s.device.power_up().unwrap();
     s.shut_down();
 }
@@ -75,19 +69,8 @@ fn cancel_while_the_start_is_queued_withdraws_it() {
         assert_eq!(h.cancel(), Ok(true));
         let c = done(&h);
         assert_eq!((c.status, c.information), (Err(Error::Cancelled), 0));
-        let counters = &s.driver().counters;
-        assert_eq!(
-            counters
-                .cancelled_while_queued
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-        assert_eq!(
-            counters
-                .transfers
-                .load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        assert_eq!(s.count(|c| &c.cancelled_while_queued), 1);
+        assert_eq!(s.count(|c| &c.transfers), 0);
         assert_eq!(adapter.queued(), 0);
         adapter.restore();
         s.shut_down();
@@ -127,20 +110,8 @@ fn cancel_during_program_dma_is_finished_by_program_dma() {
     let h = HANDLES.lock().unwrap().remove(&id).unwrap();
     let c = done(&h);
     assert_eq!((c.status, c.information), (Err(Error::Cancelled), 0));
-    let counters = &s.driver().counters;
-    assert_eq!(
-        counters
-            .cancelled_in_program_dma
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        counters
-            .transfers
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "the device never started"
-    );
+    assert_eq!(s.count(|c| &c.cancelled_in_program_dma), 1);
+    assert_eq!(s.count(|c| &c.transfers), 0, "the device never started");
     s.shut_down();
 }
 
@@ -167,19 +138,8 @@ fn cancel_after_some_transfers_keeps_the_bytes_moved() {
         "the transfer in flight still counts"
     );
     assert_eq!(storage(&s, 8192, 3 * 16_384), data[..3 * 16_384]);
-    let counters = &s.driver().counters;
-    assert_eq!(
-        counters
-            .cancelled_between_transfers
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        counters
-            .transfers
-            .load(std::sync::atomic::Ordering::Relaxed),
-        3
-    );
+    assert_eq!(s.count(|c| &c.cancelled_between_transfers), 1);
+    assert_eq!(s.count(|c| &c.transfers), 3);
     s.shut_down();
 }
 
@@ -295,19 +255,7 @@ fn cancel_after_marking_but_before_execute_is_finished_by_program_dma() {
     });
     let c = done(&h);
     assert_eq!((c.status, c.information), (Err(Error::Cancelled), 0));
-    let counters = &s.driver().counters;
-    assert_eq!(
-        counters
-            .cancelled_in_program_dma
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        counters
-            .transfers
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "the device never started"
-    );
+    assert_eq!(s.count(|c| &c.cancelled_in_program_dma), 1);
+    assert_eq!(s.count(|c| &c.transfers), 0, "the device never started");
     s.shut_down();
 }

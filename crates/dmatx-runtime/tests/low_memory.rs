@@ -10,7 +10,6 @@ mod sample;
 use dmatx::Profile;
 use dmatx_sim::CompletionMode;
 use sample::{Sample, Setup};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Which knob makes creations fail.
@@ -75,16 +74,15 @@ fn reuse(profile: Profile, knob: Knob) {
             });
         }
     });
-    let counters = &s.driver().counters;
-    let failures = counters.creation_failures.load(Ordering::Relaxed);
-    let created = counters.created.load(Ordering::Relaxed);
+    let failures = s.count(|c| &c.creation_failures);
+    let created = s.count(|c| &c.created);
     assert_eq!(failures + created, 10_000, "one creation tried per request");
     assert!(
         (4_000..6_000).contains(&failures),
         "{failures} creations failed"
     );
     assert_eq!(
-        counters.from_pool.load(Ordering::Relaxed),
+        s.count(|c| &c.from_pool),
         failures,
         "every failure fell back"
     );

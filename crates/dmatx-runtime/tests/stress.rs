@@ -123,24 +123,20 @@ fn stress(profile: Profile, seed: u64) {
         }
         running.store(false, Ordering::Release);
     });
-    let k = &s.driver().counters;
     eprintln!(
         "{profile:?}: {} ok, {} cancelled ({} while queued, {} in program-DMA, {} between \
          transfers); {} transfers, {} partial",
         completed_ok.load(Ordering::Relaxed),
         cancelled.load(Ordering::Relaxed),
-        k.cancelled_while_queued.load(Ordering::Relaxed),
-        k.cancelled_in_program_dma.load(Ordering::Relaxed),
-        k.cancelled_between_transfers.load(Ordering::Relaxed),
-        k.transfers.load(Ordering::Relaxed),
-        k.partials.load(Ordering::Relaxed),
+        s.count(|c| &c.cancelled_while_queued),
+        s.count(|c| &c.cancelled_in_program_dma),
+        s.count(|c| &c.cancelled_between_transfers),
+        s.count(|c| &c.transfers),
+        s.count(|c| &c.partials),
     );
     let total = cancelled.load(Ordering::Relaxed) + completed_ok.load(Ordering::Relaxed);
     assert_eq!(total, per_thread * threads);
-    assert!(
-        s.driver().counters.partials.load(Ordering::Relaxed) > 0,
-        "partial transfers happened"
-    );
+    assert!(s.count(|c| &c.partials) > 0, "partial transfers happened");
     assert_eq!(s.in_flight(), 0);
     s.shut_down();
 }

@@ -264,6 +264,11 @@ impl Sample {
         );
     }
 
+    /// One of the driver's counters, now.
+    pub fn count(&self, pick: impl Fn(&Counters) -> &AtomicU64) -> u64 {
+        pick(&self.driver().counters).load(Ordering::Relaxed)
+    }
+
     /// Kept transactions currently in the pool.
     pub fn kept_available(&self) -> usize {
         self.driver().kept.lock().unwrap().len()

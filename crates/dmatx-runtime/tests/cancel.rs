@@ -149,7 +149,7 @@ fn cancel_racing_the_last_completion_completes_once() {
         mode: CompletionMode::Manual,
         ..Setup::default()
     });
-    let mut outcomes = [0_u32; 3];
+    let mut outcomes = [0_u32; 2];
     for round in 0..200_u64 {
         let data = pattern(20_000, round as u8);
         let offset = (round % 16) * 32_768;
@@ -181,13 +181,11 @@ fn cancel_racing_the_last_completion_completes_once() {
             Err(Error::Cancelled) => outcomes[1] += 1,
             other => panic!("{other:?}"),
         }
-        outcomes[2] += 1;
     }
     eprintln!(
         "last-completion race: {} ok, {} cancelled",
         outcomes[0], outcomes[1]
     );
-    assert_eq!(outcomes[2], 200);
     assert_eq!(s.in_flight(), 0);
     s.shut_down();
 }

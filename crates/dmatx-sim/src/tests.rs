@@ -1115,7 +1115,7 @@ mod property {
         #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
         #[test]
-        #[cfg_attr(miri, ignore)]
+        #[cfg_attr(miri, ignore = "a property test of 96 cases is too slow under Miri")]
         fn chunked_maps_cover_the_buffer(
             segments in prop::collection::vec((0u64..4096, 1u64..=(256 << 10), placement()), 1..=3),
             mode in mode(),

@@ -32,8 +32,11 @@
 //!   ends with `Error { moved }`; a read-from-device transfer whose FIFO source holds fewer bytes
 //!   than the transfer moves what there is and ends with `Error { moved }`.
 //! * **Stop.** [`Adapter::stop_system`](dmatx_hal::Adapter::stop_system) marks the running
-//!   transfer stopped; it moves nothing (progress is not modelled: data moves only at
-//!   completion) and its `Cancelled { moved: 0 }` is delivered at the next stepping call.
+//!   transfer stopped at the progress it had made: in [`SystemCompletion::Deferred`] mode the
+//!   share of its latency that had passed in virtual time, rounded down to the channel's width
+//!   (none with zero latency); in [`SystemCompletion::Manual`] mode, or while stalled, none.
+//!   Those bytes move, the rest does not, and `Cancelled { moved }` is delivered at the next
+//!   stepping call.
 //! * **Free while running** (a contract violation: the core keeps the registers of a transfer in
 //!   flight): the transfer is detached from the channel and stopped before the mapping ends, so
 //!   the controller never touches the freed memory; its `Cancelled { moved: 0 }` is still
@@ -187,10 +190,30 @@ struct Running {
     width: DmaWidth,
     sg: Vec<SgElement>,
     length: u64,
+    /// Virtual time of the start, and of completion (`u64::MAX` in manual mode).
+    started_ns: u64,
     due_ns: u64,
     stalled: bool,
     stopped: bool,
+    /// Bytes moved before the stop (meaningful once `stopped`).
+    progress: u64,
     fault: Option<SystemFault>,
+}
+
+impl Running {
+    /// The bytes a transfer started at `started_ns` had moved by `now_ns`: the elapsed share of
+    /// its latency, in whole units of the channel's width; none if manual, stalled, or with
+    /// zero latency.
+    fn progress_at(&self, now_ns: u64) -> u64 {
+        let latency = self.due_ns.saturating_sub(self.started_ns);
+        if self.stalled || latency == 0 || self.due_ns == u64::MAX {
+            return 0;
+        }
+        let elapsed = now_ns.saturating_sub(self.started_ns).min(latency);
+        let share = u128::from(self.length) * u128::from(elapsed) / u128::from(latency);
+        let share = u64::try_from(share).unwrap_or(self.length);
+        share - share % self.width.bytes()
+    }
 }
 
 struct Channel {
@@ -664,9 +687,11 @@ impl SystemBinding {
             width: self.channel.width,
             sg: list,
             length,
+            started_ns: now,
             due_ns,
             stalled: fault == Some(SystemFault::Stall),
             stopped: false,
+            progress: 0,
             fault,
         });
     }
@@ -674,16 +699,20 @@ impl SystemBinding {
     /// `stop_system`: mark `waiter`'s running transfer stopped. Never calls a waiter.
     pub(crate) fn stop(&self, waiter: &WaiterRef) -> SystemStop {
         let id = waiter_ref_id(waiter);
-        self.with_channel(|c| match &mut c.running {
+        let mut st = lock(&self.controller.state);
+        let now = st.now_ns;
+        match &mut st.channels[self.index].running {
             Some(r) if r.waiter_id == id => {
-                if core::mem::replace(&mut r.stopped, true) {
+                if r.stopped {
                     SystemStop::AlreadyStopped
                 } else {
+                    r.stopped = true;
+                    r.progress = r.progress_at(now);
                     SystemStop::Stopped
                 }
             }
             _ => SystemStop::NotRunning,
-        })
+        }
     }
 }
 
@@ -742,7 +771,7 @@ impl SimSystemDma {
                 let Some(mut r) = st.channels[index].running.take() else {
                     return false;
                 };
-                let status = if r.stopped {
+                let status = if r.stopped && r.progress == 0 {
                     SystemDmaStatus::Cancelled { moved: 0 }
                 } else {
                     let fifo = r
@@ -751,7 +780,15 @@ impl SimSystemDma {
                     let mut scratch = core::mem::take(&mut st.scratch);
                     let status = perform(&r, fifo.as_ref(), &mut scratch);
                     st.scratch = scratch;
-                    status
+                    match status {
+                        _ if !r.stopped => status,
+                        SystemDmaStatus::Complete => {
+                            SystemDmaStatus::Cancelled { moved: r.progress }
+                        }
+                        SystemDmaStatus::Error { moved } | SystemDmaStatus::Cancelled { moved } => {
+                            SystemDmaStatus::Cancelled { moved }
+                        }
+                    }
                 };
                 let c = &mut st.channels[index];
                 c.stats.completed += 1;
@@ -909,7 +946,8 @@ impl SimSystemDma {
 }
 
 /// Move the data of a transfer between host memory (through the adapter's view, so the
-/// sanitizer checks every access) and its FIFO. Called with the controller's lock held.
+/// sanitizer checks every access) and its FIFO; a stopped transfer moves only its progress.
+/// Called with the controller's lock held.
 fn perform(r: &Running, fifo: Option<&SimFifo>, scratch: &mut Vec<u8>) -> SystemDmaStatus {
     let Some(fifo) = fifo else {
         return SystemDmaStatus::Error { moved: 0 };
@@ -917,6 +955,11 @@ fn perform(r: &Running, fifo: Option<&SimFifo>, scratch: &mut Vec<u8>) -> System
     let whole = r.length - r.length % r.width.bytes();
     let mut budget = whole;
     let mut failed = whole != r.length;
+    if r.stopped {
+        // Only what it had moved before the stop (a multiple of the width).
+        budget = r.progress.min(whole);
+        failed = false;
+    }
     if let Some(SystemFault::ErrorAt(n)) = r.fault {
         budget = budget.min(n);
         failed = true;

@@ -750,6 +750,51 @@ fn a_stopped_transfer_moves_nothing_and_reports_cancelled_later() {
 }
 
 #[test]
+fn a_deferred_stop_moves_the_share_it_had_reached() {
+    // 1000 ns latency: stopped after 375 ns, 3/8 of 8192 bytes moved; after 333 ns with a
+    // 32-bit channel, 2727 bytes rounded down to whole units.
+    for (width, stop_at, moved) in [
+        (DmaWidth::Bits8, 375, 3072),
+        (DmaWidth::Bits32, 333, 2724),
+        (DmaWidth::Bits8, 999, 8183),
+    ] {
+        let r = rig_with(SystemCompletion::Deferred { latency_ns: 1000 }, width);
+        let p = Probe::new();
+        let data = pattern(8192, 7);
+        let mut b = r.sim.allocate_buffer(8192, 0).unwrap();
+        b.write(0, &data).unwrap();
+        let regs = grant(&r.adapter, &p);
+        map_system(
+            &r.adapter,
+            &regs,
+            &b,
+            0,
+            8192,
+            Direction::WriteToDevice,
+            0,
+            &p,
+        );
+        assert_eq!(r.dma.advance(stop_at), 0, "not due yet");
+        assert_eq!(stop(&r.adapter, &p), SystemStop::Stopped);
+        assert!(r.dma.step());
+        assert_eq!(
+            p.done(),
+            [SystemDmaStatus::Cancelled { moved }],
+            "{width:?}"
+        );
+        assert_eq!(
+            r.fifo.take_received(),
+            data[..moved as usize],
+            "the bytes reached, no more"
+        );
+        finish(&r, regs, &b, 8192, Direction::WriteToDevice);
+        let s = r.dma.channel_stats(CH).unwrap();
+        assert_eq!((s.cancelled, s.bytes_moved), (1, moved));
+        r.sim.check_clean().unwrap();
+    }
+}
+
+#[test]
 fn a_manual_stop_is_delivered_by_advance_too() {
     let r = rig(SystemCompletion::Manual);
     let p = Probe::new();

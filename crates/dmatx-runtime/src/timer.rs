@@ -114,6 +114,12 @@ impl<X: Send + Sync + 'static> Timer<X> {
         &self.shared.device
     }
 
+    /// Whether `other` names the same timer (a callback shared by several timers tells them
+    /// apart with it).
+    pub fn same_timer(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Queue the timer to fire once after `due` (`WdfTimerStart`). `Ok(true)` if it was already
     /// queued: it is restarted with the new due time (WDF returns TRUE there too).
     ///

@@ -55,6 +55,15 @@ fn a_started_timer_fires_once_on_its_worker() {
 }
 
 #[test]
+fn clones_name_the_same_timer_and_two_timers_differ() {
+    let dev = device(Ctx::default());
+    let (a, b) = (timer(&dev), timer(&dev));
+    assert!(a.same_timer(&a.clone()));
+    assert!(!a.same_timer(&b));
+    dev.delete().unwrap();
+}
+
+#[test]
 fn start_while_queued_restarts_and_says_so() {
     let dev = device(Ctx::default());
     let t = timer(&dev);

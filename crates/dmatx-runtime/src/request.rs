@@ -205,9 +205,18 @@ impl<M> fmt::Debug for Request<M> {
 /// buffers afterwards.
 ///
 /// A handle exists only once [`Queue::submit`](crate::Queue::submit) accepted the request, so a
-/// request that was never issued cannot be cancelled: the type makes it impossible.
+/// request that was never issued cannot be cancelled: the type makes it impossible. Clones name
+/// the same request, so one thread can wait while another cancels (as `CancelIoEx` does).
 pub struct RequestHandle<M> {
     shared: Arc<RequestShared<M>>,
+}
+
+impl<M> Clone for RequestHandle<M> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
 }
 
 impl<M> fmt::Debug for RequestHandle<M> {

@@ -218,6 +218,22 @@ fn cancel_after_mark_runs_the_callback_on_the_cancelling_thread() {
 }
 
 #[test]
+fn a_cloned_handle_cancels_while_the_original_waits() {
+    let (sim, q) = setup(false);
+    let (h, r) = read(&sim, &q);
+    r.mark_cancelable(cancel_and_complete).unwrap();
+    let other = h.clone();
+    assert_eq!(other.id(), h.id());
+    let waiter = std::thread::spawn(move || h.wait_timeout(GUARD));
+    assert_eq!(other.cancel(), Ok(true));
+    let c = waiter.join().unwrap().expect("completed");
+    assert_eq!(c.status, Err(Error::Cancelled));
+    assert_eq!(other.try_completed(), Some(c), "both name the same request");
+    drop((other, r, q));
+    assert_clean(&sim);
+}
+
+#[test]
 fn cancel_before_mark_makes_mark_fail_cancelled_without_storing_the_callback() {
     let (sim, q) = setup(false);
     let (h, r) = read(&sim, &q);

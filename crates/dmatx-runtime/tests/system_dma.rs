@@ -334,3 +334,85 @@ fn a_zero_length_read_is_refused_and_frees_its_slot() {
     drop(pump);
     s.shut_down();
 }
+
+/// A stream of writes on both slots with the controller running free, planned DMA errors and
+/// stalls (ended by the timeout), and cancels from another thread. Each request fills its
+/// buffer with its own byte value; at the end the FIFO holds, for every value, exactly the
+/// bytes its requests reported, and a request that succeeded reported all of its bytes.
+#[test]
+fn a_stream_with_errors_stalls_and_cancels_completes_every_request_once() {
+    const REQUESTS: usize = 300;
+    let s = Sample::new(Setup {
+        timeout: Duration::from_millis(5),
+        ..Setup::default()
+    });
+    let mut rng = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for transfer in 0..4 * REQUESTS as u64 {
+        match next() % 100 {
+            0..3 => s
+                .driver()
+                .controller
+                .inject(TX_CHANNEL, transfer, SystemFault::ErrorAt(next() % 4096))
+                .unwrap(),
+            3..5 => s
+                .driver()
+                .controller
+                .inject(TX_CHANNEL, transfer, SystemFault::Stall)
+                .unwrap(),
+            _ => {}
+        }
+    }
+    let pump = s.pump();
+    let mut requests = Vec::new();
+    let (to_cancel, cancels) = std::sync::mpsc::channel::<RequestHandle<SimBuffer>>();
+    let canceller = std::thread::spawn(move || {
+        for h in cancels {
+            let _ = h.cancel();
+        }
+    });
+    for k in 0..REQUESTS {
+        let value = (k % 250) as u8 + 1;
+        let len = 1 + (next() % (3 * PAGE as u64)) as usize;
+        let h = s.write(&vec![value; len], next() % 4096);
+        if next() % 10 == 0 {
+            to_cancel.send(h.clone()).unwrap();
+        }
+        requests.push((h, value, len as u64));
+    }
+    drop(to_cancel);
+    canceller.join().unwrap();
+    let mut expected = [0u64; 256];
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for (h, value, len) in &requests {
+        let c = done(h);
+        assert!(c.information <= *len);
+        match c.status {
+            Ok(()) => assert_eq!(c.information, *len, "success reports every byte"),
+            Err(Error::DeviceDataError | Error::IoTimeout | Error::Cancelled) => {}
+            other => panic!("unexpected status {other:?}"),
+        }
+        expected[usize::from(*value)] += c.information;
+        *outcomes.entry(format!("{:?}", c.status)).or_default() += 1;
+    }
+    drop(pump);
+    let mut received = [0u64; 256];
+    for b in s.driver().tx.take_received() {
+        received[usize::from(b)] += 1;
+    }
+    assert_eq!(
+        received, expected,
+        "the FIFO holds exactly the reported bytes"
+    );
+    assert!(
+        outcomes.len() >= 3,
+        "successes, errors and timeouts at least: {outcomes:?}"
+    );
+    println!("stream outcomes: {outcomes:?}");
+    s.shut_down();
+}

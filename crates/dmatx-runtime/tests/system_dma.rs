@@ -344,6 +344,7 @@ fn a_stream_with_errors_stalls_and_cancels_completes_every_request_once() {
     const REQUESTS: usize = 300;
     let s = Sample::new(Setup {
         timeout: Duration::from_millis(5),
+        fifo_bytes: REQUESTS * 3 * PAGE,
         ..Setup::default()
     });
     let mut rng = 0x9E37_79B9_7F4A_7C15_u64;

@@ -928,7 +928,11 @@ impl SimSystemDma {
             inner: Arc::new(FifoInner {
                 address,
                 capacity,
-                state: Mutex::new(FifoState::default()),
+                // The whole capacity up front: a transfer into the FIFO never allocates.
+                state: Mutex::new(FifoState {
+                    received: Vec::with_capacity(capacity),
+                    source: VecDeque::new(),
+                }),
             }),
         };
         st.fifos.push(fifo.clone());
@@ -1060,7 +1064,8 @@ impl SimFifo {
 
     /// Take the bytes write-to-device transfers delivered so far, oldest first.
     pub fn take_received(&self) -> Vec<u8> {
-        core::mem::take(&mut lock(&self.inner.state).received)
+        // Drained, not swapped out, so the FIFO keeps its preallocated room.
+        lock(&self.inner.state).received.drain(..).collect()
     }
 
     /// Bytes received and not yet taken.

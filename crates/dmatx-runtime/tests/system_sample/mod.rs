@@ -78,6 +78,8 @@ pub struct Setup {
     pub mode: SystemCompletion,
     /// Report transfers from a DPC instead of from inside the transfer-complete callback.
     pub complete_in_dpc: bool,
+    /// Each FIFO's capacity.
+    pub fifo_bytes: usize,
 }
 
 impl Default for Setup {
@@ -88,6 +90,7 @@ impl Default for Setup {
             timeout: Duration::from_secs(30),
             mode: SystemCompletion::Manual,
             complete_in_dpc: false,
+            fifo_bytes: 1 << 20,
         }
     }
 }
@@ -201,8 +204,8 @@ impl Sample {
             .build()
             .expect("sim");
         let controller = sim.system_dma().expect("a system DMA controller");
-        let tx = sim.add_fifo(TX_FIFO, 1 << 22).expect("tx fifo");
-        let rx = sim.add_fifo(RX_FIFO, 1 << 22).expect("rx fifo");
+        let tx = sim.add_fifo(TX_FIFO, setup.fifo_bytes).expect("tx fifo");
+        let rx = sim.add_fifo(RX_FIFO, setup.fifo_bytes).expect("rx fifo");
         let dma = DmaDevice::new(sim.clone());
         let enabler = Enabler::create(
             &dma,

@@ -162,6 +162,36 @@ pub trait Platform: Send + Sync + 'static {
     fn adapter(&self, description: &DeviceDescription) -> Result<Self::Adapter>;
 }
 
+/// A device's register window (a memory BAR) as its driver sees it: every access may have the
+/// device's side effects — a write that starts an engine, a read that returns live status. The
+/// simulated platform's device models and a real backend's mapped BARs implement it, so a
+/// driver written against it runs on either.
+///
+/// Offsets are from the start of the window. An access past its end, or not aligned to its
+/// size, has no effect and reads all ones, as a PCI read nobody claims does; backends may
+/// record it (the simulator does, for its sanitizer report).
+pub trait RegisterWindow: Send + Sync {
+    /// The window's size in bytes.
+    fn len(&self) -> u64;
+
+    /// Whether the window is empty (never, for a real BAR).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Read the byte at `offset`.
+    fn read8(&self, offset: u64) -> u8;
+
+    /// Read the 32-bit little-endian register at `offset`.
+    fn read32(&self, offset: u64) -> u32;
+
+    /// Write the byte at `offset`.
+    fn write8(&self, offset: u64, value: u8);
+
+    /// Write the 32-bit little-endian register at `offset`.
+    fn write32(&self, offset: u64, value: u32);
+}
+
 /// Receives a queued map-register grant (the HAL calling KMDF's adapter-control routine).
 pub trait AllocationWaiter: Send + Sync {
     /// The registers asked for are now owned by the waiter. Called at most once per queued

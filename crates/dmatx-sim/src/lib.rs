@@ -80,6 +80,10 @@
 //!   time, FIFO queue); `map_system` starts a transfer between memory and a FIFO endpoint at
 //!   a device address, completed by deferred or manual stepping, stoppable, with fault plans
 //!   per channel.
+//! * **PLX PCI9656** ([`SimPlx9656`], [`Plx9656Config`]): the bridge the PLX9x5x sample drives —
+//!   a register file implementing [`dmatx_hal::RegisterWindow`], 128 KiB of SRAM, two
+//!   scatter/gather channels walking descriptor chains in host memory, an interrupt line with a
+//!   listener, fault plans per channel start, counters and an event trace.
 //!
 //! The steady-state paths — `allocate`, `map`, `flush`, `free`, and a device transfer in
 //! immediate mode — allocate nothing on the heap.
@@ -92,6 +96,7 @@ mod buffer;
 mod device;
 mod memory;
 mod platform;
+mod plx9656;
 mod sanitizer;
 mod system;
 
@@ -112,6 +117,11 @@ pub use device::{
 pub use memory::{MemoryRegion, MemoryStats, Placement};
 pub use platform::{
     DEFAULT_MEMORY_BASE, DEFAULT_MEMORY_BYTES, DEFAULT_PLACEMENT, SimConfig, SimPlatform, SimStats,
+};
+pub use plx9656::{
+    PLX9656_BAR0_SIZE, PLX9656_SRAM_SIZE, Plx9656ChannelState, Plx9656ChannelStats, Plx9656Config,
+    Plx9656Event, Plx9656EventKind, Plx9656Fault, Plx9656Mode, Plx9656Outcome, Plx9656Registers,
+    Plx9656Sram, Plx9656Stats, SimPlx9656,
 };
 pub use sanitizer::{Access, DeviceView, Violation, ViolationKind};
 pub use system::{

@@ -106,6 +106,9 @@ mod tests;
 #[cfg(test)]
 mod system_tests;
 
+#[cfg(test)]
+mod plx9656_tests;
+
 pub use adapter::{
     AdapterConfig, AdapterMode, AdapterStats, DEFAULT_IOVA_BASE, DEFAULT_MAP_REGISTERS, SimAdapter,
 };

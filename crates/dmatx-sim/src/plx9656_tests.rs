@@ -1230,3 +1230,91 @@ fn the_chip_is_cheap_to_share_and_reports_being_dropped_busy() {
         "{report}"
     );
 }
+
+#[test]
+fn two_driver_threads_and_a_clock_thread_share_the_chip() {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    const RUNS: u64 = if cfg!(miri) { 3 } else { 40 };
+    for mode in [
+        Plx9656Mode::Immediate,
+        Plx9656Mode::Deferred { latency_ns: 1000 },
+    ] {
+        let r = rig(Plx9656Config::default().mode(mode));
+        let claims = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        // The interrupt controller: ISRs serialized by the interrupt lock, called again while
+        // the level-triggered line stays high.
+        let (bar0, chip, c) = (r.bar0.clone(), r.chip.clone(), Arc::clone(&claims));
+        let interrupt_lock = Mutex::new(());
+        r.chip.set_line_listener(move || {
+            let _held = interrupt_lock.lock().unwrap();
+            while chip.line_asserted() {
+                for (ch, claimed) in isr(&bar0).into_iter().enumerate() {
+                    if claimed {
+                        c[ch].fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        let mut src = r.sim.allocate_buffer(6000, 0x80).unwrap();
+        src.write(0, &pattern(6000, 21)).unwrap();
+        let dst = r.sim.allocate_buffer(6000, 0x80).unwrap();
+        r.chip.sram_write(0x10000, &pattern(6000, 22)).unwrap();
+        let (wregs, wsg) = map(&r.write, &src, Direction::WriteToDevice);
+        let (rregs, rsg) = map(&r.read, &dst, Direction::ReadFromDevice);
+        let stop = AtomicBool::new(false);
+        // INTCSR is shared: enable both channels once, before the drivers start.
+        r.bar0
+            .write32(INTCSR, PCI_INT_ENABLE | INT_ENABLE[0] | INT_ENABLE[1]);
+        let claims = &*claims;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    r.chip.advance(100);
+                    std::thread::yield_now();
+                }
+            });
+            let drivers: Vec<_> = [(0, &wsg, 0), (1, &rsg, 0x10000)]
+                .into_iter()
+                .map(|(ch, sg, local)| {
+                    let r = &r;
+                    s.spawn(move || {
+                        for _ in 0..RUNS {
+                            // Under the "interrupt lock" of this channel's driver: build and
+                            // start; then wait for the ISR to have consumed the Done.
+                            let before = claims[ch].load(Ordering::SeqCst);
+                            r.build_chain(ch, sg, local);
+                            let mode = SG_MODE | DONE_INT_ENABLE | INT_TO_PCI | CLEAR_COUNT;
+                            r.bar0.write32(DMAMODE[ch], mode);
+                            r.bar0.write32(DPR[ch], r.chain_base(ch) | DESC_PCI);
+                            r.start(ch);
+                            let deadline = Instant::now() + Duration::from_secs(20);
+                            while claims[ch].load(Ordering::SeqCst) == before {
+                                assert!(Instant::now() < deadline, "channel {ch} never ended");
+                                std::thread::yield_now();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for d in drivers {
+                d.join().unwrap();
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        unmap(&r.write, &src, wregs, Direction::WriteToDevice);
+        unmap(&r.read, &dst, rregs, Direction::ReadFromDevice);
+        assert_eq!(dst.to_vec(), pattern(6000, 22));
+        let mut sram = vec![0u8; 6000];
+        r.chip.sram_read(0, &mut sram).unwrap();
+        assert_eq!(sram, pattern(6000, 21));
+        for (ch, claimed) in claims.iter().enumerate() {
+            let s = r.chip.channel_stats(ch);
+            assert_eq!((s.starts, s.done_interrupts), (RUNS, RUNS), "{mode:?} {ch}");
+            assert_eq!(s.bytes_moved, RUNS * 6000);
+            assert_eq!(claimed.load(Ordering::SeqCst) as u64, RUNS);
+        }
+        r.finish();
+    }
+}

@@ -1127,6 +1127,15 @@ impl Drop for Inner {
 /// event sink ([`SimPlx9656::set_event_sink`]) once per [`Plx9656Event`], always with no chip
 /// lock held, on the thread whose call made the change: a register access, `advance`, `step`,
 /// `run_pending`, `release_stalled` or `raise_spurious`. Both may call back into the chip.
+/// The line is level-triggered: an edge comes only when it was low, so an interrupt controller
+/// built on the listener calls its ISR again while [`SimPlx9656::line_asserted`] stays true
+/// (and serializes its ISRs, as listeners may run on several threads at once).
+///
+/// # End of a test
+/// [`SimPlx9656::check_idle`] reports a channel still running, stalled or held, and a line
+/// still high. Out-of-range window accesses, local-bus errors and a chain longer than 65536
+/// descriptors (a loop; it ends as [`Plx9656Outcome::DescFetchAbort`]) are recorded as platform
+/// issues, and so is a channel not idle when the last handle to the chip is dropped.
 ///
 /// Lock order: the chip's lock before an adapter's locks (through its [`DeviceView`]) and
 /// before the platform's issue list. No adapter path calls into the chip.

@@ -561,6 +561,24 @@ fn local_addresses_outside_the_sram_are_local_bus_errors() {
     assert!(report.contains("local-bus error"), "{report}");
 }
 
+#[test]
+#[cfg_attr(miri, ignore = "65536 descriptor fetches")]
+fn a_looping_chain_ends_as_a_descriptor_fetch_abort() {
+    let mut r = rig(Plx9656Config::default());
+    let base = r.chain_base(0);
+    r.put_dte(0, 0, &dte(0, 0, 0, base | DESC_PCI));
+    r.program(0, 0);
+    assert_eq!(r.chip.last_outcome(0), Some(Plx9656Outcome::DescFetchAbort));
+    assert_eq!(r.chip.channel_stats(0).descriptors_fetched, 1 << 16);
+    assert_eq!(isr(&r.bar0), [true, false]);
+    r.free_chains();
+    let report = r.sim.check_clean().unwrap_err();
+    assert!(
+        report.contains("chain longer than 65536 descriptors"),
+        "{report}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The interrupt line
 

@@ -36,7 +36,10 @@
 //!   share of its latency that had passed in virtual time, rounded down to the channel's width
 //!   (none with zero latency); in [`SystemCompletion::Manual`] mode, or while stalled, none.
 //!   Those bytes move, the rest does not, and `Cancelled { moved }` is delivered at the next
-//!   stepping call.
+//!   stepping call — unless the transfer failed before its stop point (a planned
+//!   [`SystemFault::ErrorAt`] below it, a full FIFO), which reports that `Error`. A stop after
+//!   a (non-zero) latency has passed finds the transfer finished: `NotRunning`, and the
+//!   completion is delivered as `Complete`.
 //! * **Free while running** (a contract violation: the core keeps the registers of a transfer in
 //!   flight): the transfer is detached from the channel and stopped before the mapping ends, so
 //!   the controller never touches the freed memory; its `Cancelled { moved: 0 }` is still
@@ -705,6 +708,9 @@ impl SystemBinding {
             Some(r) if r.waiter_id == id => {
                 if r.stopped {
                     SystemStop::AlreadyStopped
+                } else if !r.stalled && r.due_ns > r.started_ns && r.due_ns <= now {
+                    // Finished in virtual time; its completion is only waiting to be delivered.
+                    SystemStop::NotRunning
                 } else {
                     r.stopped = true;
                     r.progress = r.progress_at(now);
@@ -780,14 +786,13 @@ impl SimSystemDma {
                     let mut scratch = core::mem::take(&mut st.scratch);
                     let status = perform(&r, fifo.as_ref(), &mut scratch);
                     st.scratch = scratch;
+                    // A stopped transfer that reached its stop point is Cancelled; one that failed
+                    // before it (a planned error, the FIFO, a blocked access) reports the error.
                     match status {
-                        _ if !r.stopped => status,
-                        SystemDmaStatus::Complete => {
+                        SystemDmaStatus::Complete if r.stopped => {
                             SystemDmaStatus::Cancelled { moved: r.progress }
                         }
-                        SystemDmaStatus::Error { moved } | SystemDmaStatus::Cancelled { moved } => {
-                            SystemDmaStatus::Cancelled { moved }
-                        }
+                        _ => status,
                     }
                 };
                 let c = &mut st.channels[index];
@@ -915,7 +920,8 @@ impl SimSystemDma {
     }
 
     /// Register a FIFO endpoint at device address `address` whose received data holds up to
-    /// `capacity` bytes.
+    /// `capacity` bytes. That room is allocated here (so transfers never allocate): pass the
+    /// capacity the test needs, not a huge number meaning "unbounded".
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] if an endpoint is already registered at `address`.
@@ -964,7 +970,9 @@ fn perform(r: &Running, fifo: Option<&SimFifo>, scratch: &mut Vec<u8>) -> System
         budget = r.progress.min(whole);
         failed = false;
     }
-    if let Some(SystemFault::ErrorAt(n)) = r.fault {
+    if let Some(SystemFault::ErrorAt(n)) = r.fault
+        && (!r.stopped || n < budget)
+    {
         budget = budget.min(n);
         failed = true;
     }

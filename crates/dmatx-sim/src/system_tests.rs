@@ -795,6 +795,97 @@ fn a_deferred_stop_moves_the_share_it_had_reached() {
 }
 
 #[test]
+fn a_stop_after_an_error_point_reports_the_error_and_one_before_it_does_not() {
+    // ErrorAt(100), stopped at half of 8192: the transfer had already failed.
+    let r = rig(SystemCompletion::Deferred { latency_ns: 1000 });
+    let p = Probe::new();
+    let b = r.sim.allocate_buffer(8192, 0).unwrap();
+    r.dma.inject(CH, 0, SystemFault::ErrorAt(100)).unwrap();
+    let regs = grant(&r.adapter, &p);
+    map_system(
+        &r.adapter,
+        &regs,
+        &b,
+        0,
+        8192,
+        Direction::WriteToDevice,
+        0,
+        &p,
+    );
+    assert_eq!(r.dma.advance(500), 0);
+    assert_eq!(stop(&r.adapter, &p), SystemStop::Stopped);
+    assert_eq!(r.dma.advance(0), 1);
+    assert_eq!(p.done(), [SystemDmaStatus::Error { moved: 100 }]);
+    assert_eq!(r.fifo.take_received().len(), 100);
+    r.adapter
+        .flush(&regs, &b, 0, 8192, Direction::WriteToDevice)
+        .unwrap();
+    // An error point beyond the stop point does not bite.
+    r.dma.inject(CH, 1, SystemFault::ErrorAt(6000)).unwrap();
+    map_system(
+        &r.adapter,
+        &regs,
+        &b,
+        0,
+        8192,
+        Direction::WriteToDevice,
+        0,
+        &p,
+    );
+    assert_eq!(r.dma.advance(500), 0);
+    assert_eq!(stop(&r.adapter, &p), SystemStop::Stopped);
+    assert_eq!(r.dma.advance(0), 1);
+    assert_eq!(p.done()[1], SystemDmaStatus::Cancelled { moved: 4096 });
+    assert_eq!(r.fifo.take_received().len(), 4096);
+    finish(&r, regs, &b, 8192, Direction::WriteToDevice);
+    r.sim.check_clean().unwrap();
+}
+
+#[test]
+fn a_stop_of_a_transfer_that_is_due_but_undelivered_finds_nothing_running() {
+    // Two channels due at the same time: while the first one's completion is delivered, the
+    // second has finished in virtual time but is not delivered yet. Stopping it then is too
+    // late: NotRunning, and it completes normally.
+    let r = rig(SystemCompletion::Deferred { latency_ns: 1000 });
+    let mut d6 = desc(DmaWidth::Bits8);
+    d6.system.as_mut().unwrap().channel = 6;
+    d6.system.as_mut().unwrap().request_line = 30;
+    let other = r.sim.adapter(&d6).unwrap();
+    let (p5, p6) = (Probe::new(), Probe::new());
+    let b5 = r.sim.allocate_buffer(64, 0).unwrap();
+    let b6 = r.sim.allocate_buffer(64, 0).unwrap();
+    let g5 = grant(&r.adapter, &p5);
+    let g6 = grant(&other, &p6);
+    map_system(
+        &r.adapter,
+        &g5,
+        &b5,
+        0,
+        64,
+        Direction::WriteToDevice,
+        0,
+        &p5,
+    );
+    map_system(&other, &g6, &b6, 0, 64, Direction::WriteToDevice, 0, &p6);
+    let seen = Arc::new(Mutex::new(None));
+    let (o, w, s) = (other.clone(), p6.weak(), Arc::clone(&seen));
+    *p5.on_done.lock().unwrap() = Some(Box::new(move || {
+        *s.lock().unwrap() = Some(o.stop_system(&w));
+    }));
+    assert_eq!(r.dma.advance(1000), 2);
+    assert_eq!(*seen.lock().unwrap(), Some(SystemStop::NotRunning));
+    assert_eq!(p6.done(), [SystemDmaStatus::Complete]);
+    assert_eq!(r.fifo.take_received().len(), 128);
+    finish(&r, g5, &b5, 64, Direction::WriteToDevice);
+    other
+        .flush(&g6, &b6, 0, 64, Direction::WriteToDevice)
+        .unwrap();
+    other.free(g6);
+    drop(other);
+    r.sim.check_clean().unwrap();
+}
+
+#[test]
 fn a_manual_stop_is_delivered_by_advance_too() {
     let r = rig(SystemCompletion::Manual);
     let p = Probe::new();

@@ -57,8 +57,7 @@ fn writes_and_reads_complete_with_every_byte_over_several_transfers() {
     assert_eq!((c.status, c.information), (Ok(()), source.len() as u64));
     assert_eq!(read_back(&r), source);
     drop(pump);
-    // 4096-byte transfers: 4 for the write (the buffer starts 0x80 into its page), 2 for the
-    // read.
+    // Transfers of at most 4096 bytes: 4 for the write, 2 for the read.
     assert_eq!(s.count(|c| &c.transfers), 6);
     assert_eq!(
         s.count(|c| &c.bytes_programmed),
@@ -107,8 +106,10 @@ fn a_timeout_stops_a_stalled_transfer_and_completes_timed_out() {
         .inject(RX_CHANNEL, 1, SystemFault::Stall)
         .unwrap();
     s.driver().rx.push_source(&pattern(2 * PAGE, 4));
-    let pump = s.pump();
     let r = s.read(2 * PAGE as u64, 0);
+    // The first transfer completes before the timer can fire; the second stalls.
+    assert!(s.driver().controller.step());
+    let pump = s.pump();
     let c = done(&r);
     assert_eq!(
         (c.status, c.information),
@@ -249,6 +250,10 @@ fn a_cancel_racing_the_completion_completes_each_request_once() {
         }
     }
     println!("cancel race: {cancelled} of {rounds} cancelled");
+    assert!(
+        s.count(|c| &c.stops_running) + s.count(|c| &c.stops_not_running) > 0,
+        "some cancel reached the transfer"
+    );
     s.shut_down();
 }
 
@@ -341,10 +346,20 @@ fn a_zero_length_read_is_refused_and_frees_its_slot() {
 /// bytes its requests reported, and a request that succeeded reported all of its bytes.
 #[test]
 fn a_stream_with_errors_stalls_and_cancels_completes_every_request_once() {
+    stream(false);
+}
+
+#[test]
+fn a_stream_reported_from_a_dpc_completes_every_request_once() {
+    stream(true);
+}
+
+fn stream(complete_in_dpc: bool) {
     const REQUESTS: usize = 300;
     let s = Sample::new(Setup {
         timeout: Duration::from_millis(5),
         fifo_bytes: REQUESTS * 3 * PAGE,
+        complete_in_dpc,
         ..Setup::default()
     });
     let mut rng = 0x9E37_79B9_7F4A_7C15_u64;
@@ -410,10 +425,14 @@ fn a_stream_with_errors_stalls_and_cancels_completes_every_request_once() {
         received, expected,
         "the FIFO holds exactly the reported bytes"
     );
-    assert!(
-        outcomes.len() >= 3,
-        "successes, errors and timeouts at least: {outcomes:?}"
+    for status in ["Ok(())", "Err(DeviceDataError)", "Err(IoTimeout)"] {
+        assert!(outcomes.contains_key(status), "no {status}: {outcomes:?}");
+    }
+    println!(
+        "stream outcomes: {outcomes:?}; stops: {} running, {} not running, {} withdrawn",
+        s.count(|c| &c.stops_running),
+        s.count(|c| &c.stops_not_running),
+        s.count(|c| &c.stops_withdrawn)
     );
-    println!("stream outcomes: {outcomes:?}");
     s.shut_down();
 }

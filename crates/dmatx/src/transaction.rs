@@ -71,9 +71,11 @@ pub enum SystemStopOutcome {
     /// A transfer was running: the controller stops it, and its transfer-complete callback
     /// reports [`SystemDmaStatus::Cancelled`] with the bytes it had moved.
     Stopping,
-    /// No transfer was running. The next transfer will not be mapped: a registered
+    /// No transfer was running. A transfer not yet mapped will not be: a registered
     /// transfer-complete callback gets `Cancelled` for it (statement 89), and without one the
-    /// call that would stage it fails with [`Error::Cancelled`].
+    /// call that would stage it fails with [`Error::Cancelled`]. A transfer the controller had
+    /// already finished is reported as it ended (and a completion that needs another transfer
+    /// then finishes with `Cancelled`); a transaction that is not executing is only marked.
     NotRunning,
     /// The transaction was still waiting for its channel: the request is withdrawn and the
     /// transaction is TransferFailed now; complete the request and release it.

@@ -363,6 +363,20 @@ impl core::fmt::Debug for SimAdapter {
     }
 }
 
+/// Count one more registered waiter and make sure `queue` can hold them all without
+/// allocating when they queue (no allocation after creation).
+pub(crate) fn reserve_waiter_room<T>(
+    registered: &mut usize,
+    queue: &mut VecDeque<T>,
+) -> Result<()> {
+    let want = *registered + 1;
+    queue
+        .try_reserve(want.saturating_sub(queue.len()))
+        .map_err(|_| Error::InsufficientResources)?;
+    *registered = want;
+    Ok(())
+}
+
 fn page(addr: u64) -> u64 {
     addr - addr % PAGE_SIZE
 }
@@ -983,14 +997,8 @@ impl Adapter for SimAdapter {
         if let Some(system) = &self.inner.system {
             return system.register_waiter();
         }
-        let mut st = lock(&self.inner.state.0);
-        let want = st.registered + 1;
-        let additional = want.saturating_sub(st.queue.len());
-        st.queue
-            .try_reserve(additional)
-            .map_err(|_| Error::InsufficientResources)?;
-        st.registered = want;
-        Ok(())
+        let st = &mut *lock(&self.inner.state.0);
+        reserve_waiter_room(&mut st.registered, &mut st.queue)
     }
 
     fn unregister_waiter(&self) {

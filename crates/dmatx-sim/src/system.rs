@@ -63,7 +63,7 @@ use dmatx_hal::{
     SystemStop, Waiter, WaiterRef, waiter_id, waiter_ref_id,
 };
 
-use crate::adapter::{AdapterInner, DEFAULT_MAP_REGISTERS};
+use crate::adapter::{AdapterInner, DEFAULT_MAP_REGISTERS, reserve_waiter_room};
 use crate::memory::lock;
 use crate::platform::Shared;
 use crate::sanitizer::DeviceView;
@@ -446,15 +446,7 @@ impl SystemBinding {
 
     /// `register_waiter` for a system adapter: reserve room in the channel's queue.
     pub(crate) fn register_waiter(&self) -> Result<()> {
-        self.with_channel(|c| {
-            let want = c.registered + 1;
-            let additional = want.saturating_sub(c.queue.len());
-            c.queue
-                .try_reserve(additional)
-                .map_err(|_| Error::InsufficientResources)?;
-            c.registered = want;
-            Ok(())
-        })
+        self.with_channel(|c| reserve_waiter_room(&mut c.registered, &mut c.queue))
     }
 
     /// `unregister_waiter` for a system adapter.

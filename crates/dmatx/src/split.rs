@@ -200,8 +200,8 @@ mod tests {
         }
     }
 
-    // SAFETY: test-only descriptor; its frames are made-up numbers that no device touches.
     #[expect(unsafe_code, reason = "a test descriptor implements the unsafe trait")]
+    // SAFETY: test-only descriptor; its frames are made-up numbers that no device touches.
     unsafe impl MemoryDescriptor for Chain {
         fn segment_count(&self) -> usize {
             self.segs.len()

@@ -162,6 +162,14 @@ mod tests {
     }
 
     #[test]
+    fn the_driver_and_the_simulated_chip_agree_on_the_windows() {
+        // Two independent descriptions of one chip (the driver's header, the model's
+        // datasheet reading): their sizes must match.
+        assert_eq!(BAR0_SIZE, dmatx_sim::PLX9656_BAR0_SIZE);
+        assert_eq!(SRAM_SIZE, dmatx_sim::PLX9656_SRAM_SIZE);
+    }
+
+    #[test]
     fn the_limits_are_the_samples() {
         assert_eq!(DTE_COUNT, 3);
         assert_eq!(DTE_COUNT * Dte::SIZE, 96);

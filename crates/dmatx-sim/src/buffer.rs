@@ -197,6 +197,17 @@ impl SimBuffer {
     /// # Errors
     /// [`Error::InvalidParameter`] if the range lies outside the buffer.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.store(offset, data)
+    }
+
+    /// Copy `data` into the buffer at chain offset `offset` through a shared handle: a CPU
+    /// store by code that reaches the buffer only through something sharing it (a driver
+    /// filling a request's output buffer). The bytes are simulated memory, not Rust memory, so
+    /// this races nothing but a device writing the same bytes — as on a real machine.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the range lies outside the buffer.
+    pub fn store(&self, offset: u64, data: &[u8]) -> Result<()> {
         let memory = &self.memory;
         self.walk(offset, data.len() as u64, |phys, at, n| {
             memory.write(phys, &data[at..at + n])

@@ -29,6 +29,9 @@ pub enum Error {
     IntegerOverflow,
     /// `STATUS_BUFFER_TOO_SMALL`: the buffer chain is shorter than the length asked for.
     BufferTooSmall,
+    /// `STATUS_INVALID_BUFFER_SIZE`: a request's buffer is larger than the device takes (a
+    /// driver's status; dmatx itself does not return it).
+    InvalidBufferSize,
     /// `STATUS_CANCELLED`.
     Cancelled,
     /// `STATUS_DEVICE_DATA_ERROR`: the device reported a DMA error.
@@ -66,6 +69,7 @@ impl Error {
             Error::Unsuccessful => 0xC000_0001,
             Error::IntegerOverflow => 0xC000_0095,
             Error::BufferTooSmall => 0xC000_0023,
+            Error::InvalidBufferSize => 0xC000_0206,
             Error::Cancelled => 0xC000_0120,
             Error::DeviceDataError => 0xC000_009C,
             Error::IoTimeout => 0xC000_00B5,
@@ -103,6 +107,7 @@ impl core::fmt::Display for Error {
             Error::Unsuccessful => "STATUS_UNSUCCESSFUL",
             Error::IntegerOverflow => "STATUS_INTEGER_OVERFLOW",
             Error::BufferTooSmall => "STATUS_BUFFER_TOO_SMALL",
+            Error::InvalidBufferSize => "STATUS_INVALID_BUFFER_SIZE",
             Error::Cancelled => "STATUS_CANCELLED",
             Error::DeviceDataError => "STATUS_DEVICE_DATA_ERROR",
             Error::IoTimeout => "STATUS_IO_TIMEOUT",

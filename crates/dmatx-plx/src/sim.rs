@@ -1,0 +1,353 @@
+//! The PLX board on the simulated machine: a [`SimPlx9656`] on a [`SimPlatform`], the driver
+//! added, prepared and started, and an interrupt controller that delivers the chip's line to
+//! the driver's ISR.
+//!
+//! The interrupt controller is a thread: the chip's line listener (called on each rising
+//! edge, on whatever thread made the change) only wakes it, and it calls
+//! [`Interrupt::raise`](dmatx_runtime::Interrupt::raise) — again while the ISR claims and the
+//! line stays high, as a level-triggered line does. It never holds the interrupt lock, so when
+//! a chip in immediate mode finishes inside the DMACSR write of program-DMA (which holds the
+//! lock), the ISR runs once program-DMA releases it (scenario P15).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dmatx::{Direction, DmaDevice, Error, Result};
+use dmatx_runtime::RequestHandle;
+use dmatx_sim::{
+    Placement, Plx9656Config, SimBuffer, SimConfig, SimPlatform, SimPlx9656,
+};
+
+use crate::driver::{Delay, HostBuffer, Plx, PlxConfig, Resource, plx_evt_device_add};
+
+impl HostBuffer for SimBuffer {
+    fn store(&self, offset: u64, data: &[u8]) -> Result<()> {
+        SimBuffer::store(self, offset, data)
+    }
+}
+
+/// The driver on the simulated machine.
+pub type SimPlx = Plx<SimPlatform, SimBuffer>;
+
+/// How to build a [`SimBoard`].
+#[derive(Clone, Debug)]
+pub struct BoardConfig {
+    /// The machine.
+    pub sim: SimConfig,
+    /// The chip.
+    pub chip: Plx9656Config,
+    /// The driver.
+    pub driver: PlxConfig,
+}
+
+impl Default for BoardConfig {
+    fn default() -> Self {
+        Self {
+            sim: SimConfig::default(),
+            chip: Plx9656Config::default(),
+            driver: PlxConfig::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct LineState {
+    pending: bool,
+    stop: bool,
+    /// Interrupt deliveries in progress or pending.
+    busy: bool,
+}
+
+#[derive(Default)]
+struct Line {
+    state: Mutex<LineState>,
+    changed: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Line {
+    fn kick(&self) {
+        let mut st = lock(&self.state);
+        st.pending = true;
+        st.busy = true;
+        drop(st);
+        self.changed.notify_all();
+    }
+}
+
+/// A PCI9656 board with the PLX9x5x driver on the simulated machine.
+pub struct SimBoard {
+    sim: SimPlatform,
+    chip: SimPlx9656,
+    plx: SimPlx,
+    line: Arc<Line>,
+    controller: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SimBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBoard")
+            .field("chip", &self.chip)
+            .field("plx", &self.plx)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimBoard {
+    /// Build the machine, add the driver (`EvtDeviceAdd`), plug the chip in on the enabler's
+    /// adapters, prepare the hardware with the chip's BARs (by size: BAR0, the unused port
+    /// range, BAR2), connect the line, and start the device (D0).
+    ///
+    /// # Errors
+    /// The platform's or the driver's error, as a message.
+    pub fn new(config: BoardConfig) -> core::result::Result<Self, String> {
+        let sim = SimPlatform::with_config(config.sim).map_err(|e| format!("machine: {e}"))?;
+        Self::on(sim, config.chip, config.driver)
+    }
+
+    /// As [`SimBoard::new`] on an existing machine.
+    ///
+    /// # Errors
+    /// As [`SimBoard::new`].
+    pub fn on(
+        sim: SimPlatform,
+        chip_config: Plx9656Config,
+        driver: PlxConfig,
+    ) -> core::result::Result<Self, String> {
+        let dma = DmaDevice::new(sim.clone());
+        // The chip exists before the driver does; the delay reaches it through this slot.
+        let clock: Arc<Mutex<Option<SimPlx9656>>> = Arc::default();
+        let clock_in = Arc::clone(&clock);
+        let delay: Delay = Arc::new(move |d: Duration| {
+            let chip = lock(&clock_in).clone();
+            if let Some(chip) = chip {
+                chip.advance(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            }
+        });
+        let plx: SimPlx =
+            plx_evt_device_add(dma, delay, driver).map_err(|e| format!("device add: {e}"))?;
+        let enabler = plx.enabler();
+        let (Some(read), Some(write)) = (
+            enabler.adapter(Direction::ReadFromDevice),
+            enabler.adapter(Direction::WriteToDevice),
+        ) else {
+            let _ = plx.remove();
+            return Err("device add: the duplex enabler has no adapters".into());
+        };
+        let chip = SimPlx9656::duplex(read, write, chip_config);
+        *lock(&clock) = Some(chip.clone());
+        let resources = vec![
+            Resource::Memory(Arc::new(chip.bar0())),
+            Resource::Port { length: 0x100 },
+            Resource::Memory(Arc::new(chip.bar2())),
+            Resource::Interrupt,
+        ];
+        if let Err(e) = plx.prepare_hardware(resources) {
+            let _ = plx.remove();
+            return Err(format!("prepare hardware: {e}"));
+        }
+        let line = Arc::new(Line::default());
+        let edge = Arc::clone(&line);
+        chip.set_line_listener(move || edge.kick());
+        let controller = {
+            let line = Arc::clone(&line);
+            let chip = chip.clone();
+            let interrupt = plx.interrupt().clone();
+            std::thread::Builder::new()
+                .name("plx-intx".into())
+                .spawn(move || interrupt_controller(&line, &chip, &interrupt))
+                .map_err(|e| format!("interrupt controller: {e}"))?
+        };
+        let board = Self {
+            sim,
+            chip,
+            plx,
+            line,
+            controller: Some(controller),
+        };
+        board.start().map_err(|e| format!("start: {e}"))?;
+        Ok(board)
+    }
+
+    /// The machine.
+    pub fn sim(&self) -> &SimPlatform {
+        &self.sim
+    }
+
+    /// The chip.
+    pub fn chip(&self) -> &SimPlx9656 {
+        &self.chip
+    }
+
+    /// The driver.
+    pub fn plx(&self) -> &SimPlx {
+        &self.plx
+    }
+
+    /// Power up (D0), then deliver a line that stayed high meanwhile.
+    ///
+    /// # Errors
+    /// As [`Plx::start`].
+    pub fn start(&self) -> Result<()> {
+        self.plx.start()?;
+        self.line.kick();
+        Ok(())
+    }
+
+    /// Power down to D3 (waits for requests in flight).
+    ///
+    /// # Errors
+    /// As [`Plx::suspend`].
+    pub fn suspend(&self) -> Result<()> {
+        self.plx.suspend()
+    }
+
+    /// A buffer of `data` at `page_offset` in its first page, placed by the machine's default.
+    ///
+    /// # Errors
+    /// The platform's allocation error.
+    pub fn buffer_with(&self, data: &[u8], page_offset: u64) -> Result<SimBuffer> {
+        let mut b = self
+            .sim
+            .allocate_buffer(data.len() as u64, page_offset)?;
+        b.write(0, data)?;
+        Ok(b)
+    }
+
+    /// A buffer of `data` placed by `placement`.
+    ///
+    /// # Errors
+    /// The platform's allocation error.
+    pub fn buffer_placed(
+        &self,
+        data: &[u8],
+        page_offset: u64,
+        placement: Placement,
+    ) -> Result<SimBuffer> {
+        let mut b = self
+            .sim
+            .allocate_buffer_with(data.len() as u64, page_offset, placement)?;
+        b.write(0, data)?;
+        Ok(b)
+    }
+
+    /// Write `data` (from a buffer at `page_offset`) to the device.
+    ///
+    /// # Errors
+    /// Allocation or submission errors.
+    pub fn write(&self, data: &[u8], page_offset: u64) -> Result<RequestHandle<SimBuffer>> {
+        self.plx.write(self.buffer_with(data, page_offset)?)
+    }
+
+    /// Read `length` bytes from the device into a fresh buffer at `page_offset`.
+    ///
+    /// # Errors
+    /// Allocation or submission errors; a zero length is refused by the platform.
+    pub fn read(&self, length: u64, page_offset: u64) -> Result<RequestHandle<SimBuffer>> {
+        self.plx
+            .read(self.sim.allocate_buffer(length, page_offset)?)
+    }
+
+    /// Wait until no interrupt delivery is pending or running and the DPC is idle, at most
+    /// `timeout`. `true` if everything settled.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let quiet = !lock(&self.line.state).busy;
+            if quiet
+                && self
+                    .plx
+                    .interrupt()
+                    .wait_dpc_idle(deadline.saturating_duration_since(std::time::Instant::now()))
+                && !lock(&self.line.state).busy
+            {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Remove the device (D3Final with the soft reset, delete), stop the interrupt controller,
+    /// and check the machine: chip idle with its line low, pools full, sanitizer record empty.
+    ///
+    /// # Errors
+    /// Everything found, one item per line.
+    pub fn shut_down(mut self) -> core::result::Result<(), String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.plx.remove() {
+            problems.push(format!("remove: {e}"));
+        }
+        self.stop_controller();
+        self.chip.clear_line_listener();
+        if let Err(e) = self.chip.check_idle() {
+            problems.push(e);
+        }
+        let stats = self.plx.interrupt_stats();
+        if stats.dpc_panics > 0 {
+            problems.push(format!("{} DPC panics", stats.dpc_panics));
+        }
+        if let Err(e) = self.sim.check_clean() {
+            problems.push(e);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    fn stop_controller(&mut self) {
+        {
+            let mut st = lock(&self.line.state);
+            st.stop = true;
+        }
+        self.line.changed.notify_all();
+        if let Some(t) = self.controller.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SimBoard {
+    fn drop(&mut self) {
+        self.stop_controller();
+        self.chip.clear_line_listener();
+    }
+}
+
+/// The interrupt controller's thread.
+fn interrupt_controller(
+    line: &Line,
+    chip: &SimPlx9656,
+    interrupt: &dmatx_runtime::Interrupt<crate::driver::DeviceExtension<SimPlatform, SimBuffer>>,
+) {
+    loop {
+        {
+            let mut st = lock(&line.state);
+            loop {
+                if st.stop {
+                    return;
+                }
+                if st.pending {
+                    st.pending = false;
+                    break;
+                }
+                st.busy = false;
+                st = line.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        while chip.line_asserted() {
+            match interrupt.raise(0) {
+                Ok(true) => continue,
+                Ok(false) | Err(Error::InvalidDeviceState) | Err(_) => break,
+            }
+        }
+    }
+}

@@ -155,8 +155,35 @@ pub struct ProgramRecord {
     pub first_local: u32,
 }
 
-/// How many program-DMA records the driver keeps (the most recent ones).
+/// How many program-DMA and completion records the driver keeps (the most recent ones).
 pub const PROGRAM_LOG_CAPACITY: usize = 256;
+
+/// One `DmaCompleted*` call of the DPC, as the driver made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompletionRecord {
+    /// The channel's direction.
+    pub direction: Direction,
+    /// Which call.
+    pub call: CompletionCall,
+    /// Whether it finished the transaction (KMDF's `TRUE`).
+    pub finished: bool,
+}
+
+/// The `DmaCompleted*` call a [`CompletionRecord`] describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionCall {
+    /// `WdfDmaTransactionDmaCompleted` (the whole transfer).
+    Completed,
+    /// `WdfDmaTransactionDmaCompletedWithLength(length)`.
+    WithLength(u64),
+    /// `WdfDmaTransactionDmaCompletedFinal(length)`.
+    Final(u64),
+}
+
+thread_local! {
+    /// How deep this thread is in program-DMA callbacks (for the P15 observation).
+    static PROGRAM_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Counters of the driver.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -182,6 +209,15 @@ pub struct PlxStats {
     pub watchdog_aborts: u64,
     /// Soft resets (D0 exit to D3Final).
     pub soft_resets: u64,
+    /// ISR calls that found both channels' active bits set.
+    pub isr_both_channels: u64,
+    /// DPC runs that reported a transfer on both channels.
+    pub dpc_both_channels: u64,
+    /// ISR calls on a thread that was inside program-DMA (must stay 0: the ISR waits for the
+    /// interrupt lock program-DMA holds, on another thread).
+    pub isr_inside_program_dma: u64,
+    /// Deepest nesting of program-DMA callbacks on one thread (1: never nested).
+    pub max_program_depth: u64,
 }
 
 #[derive(Default)]
@@ -195,6 +231,10 @@ struct Counters {
     aborts_detected: AtomicU64,
     watchdog_aborts: AtomicU64,
     soft_resets: AtomicU64,
+    isr_both: AtomicU64,
+    dpc_both: AtomicU64,
+    isr_inside_program_dma: AtomicU64,
+    max_program_depth: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -251,6 +291,7 @@ pub struct DeviceExtension<P: Platform, M: HostBuffer> {
     in_flight: Mutex<InFlight>,
     idle: Condvar,
     program_log: Mutex<VecDeque<ProgramRecord>>,
+    completion_log: Mutex<VecDeque<CompletionRecord>>,
     counters: Counters,
 }
 
@@ -418,6 +459,7 @@ pub fn plx_evt_device_add<P: Platform, M: HostBuffer>(
         in_flight: Mutex::new(InFlight::default()),
         idle: Condvar::new(),
         program_log: Mutex::new(VecDeque::with_capacity(PROGRAM_LOG_CAPACITY)),
+        completion_log: Mutex::new(VecDeque::with_capacity(PROGRAM_LOG_CAPACITY)),
         counters: Counters::default(),
     };
     let device_config = DeviceConfig {
@@ -531,7 +573,10 @@ impl<P: Platform, M: HostBuffer> Plx<P, M> {
         if self.device.context().regs().is_none() {
             return Err(Error::InvalidDeviceState);
         }
-        self.device.context().final_power_down.store(false, Ordering::Relaxed);
+        self.device
+            .context()
+            .final_power_down
+            .store(false, Ordering::Relaxed);
         self.device.power_up()
     }
 
@@ -661,9 +706,18 @@ impl<P: Platform, M: HostBuffer> Plx<P, M> {
             .collect()
     }
 
-    /// Forget the program-DMA log.
-    pub fn clear_program_log(&self) {
+    /// The most recent `DmaCompleted*` calls, oldest first (at most [`PROGRAM_LOG_CAPACITY`]).
+    pub fn completion_log(&self) -> Vec<CompletionRecord> {
+        lock(&self.device.context().completion_log)
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Forget the program-DMA and completion logs.
+    pub fn clear_logs(&self) {
         lock(&self.device.context().program_log).clear();
+        lock(&self.device.context().completion_log).clear();
     }
 
     /// Whether the single-transfer requirement is on (the toggle IOCTL's state).
@@ -695,6 +749,10 @@ impl<P: Platform, M: HostBuffer> Plx<P, M> {
             aborts_detected: get(&c.aborts_detected),
             watchdog_aborts: get(&c.watchdog_aborts),
             soft_resets: get(&c.soft_resets),
+            isr_both_channels: get(&c.isr_both),
+            dpc_both_channels: get(&c.dpc_both),
+            isr_inside_program_dma: get(&c.isr_inside_program_dma),
+            max_program_depth: get(&c.max_program_depth),
         }
     }
 }
@@ -807,9 +865,7 @@ pub fn plx_evt_io_write<P: Platform, M: HostBuffer>(
             if length > SRAM_SIZE {
                 return Err(Error::InvalidBufferSize);
             }
-            t.set_single_transfer_requirement(
-                ext.require_single_transfer.load(Ordering::Relaxed),
-            )?;
+            t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
             let memory = request.input_memory().ok_or(Error::InvalidDeviceRequest)?;
             if memory.segment_count() == 0 {
                 return Err(Error::InvalidDeviceRequest);
@@ -857,9 +913,7 @@ pub fn plx_evt_io_read<P: Platform, M: HostBuffer>(
             if length > SRAM_SIZE {
                 return Err(Error::InvalidBufferSize);
             }
-            t.set_single_transfer_requirement(
-                ext.require_single_transfer.load(Ordering::Relaxed),
-            )?;
+            t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
             dmatx_runtime::dma::initialize_using_request(
                 t,
                 &request,
@@ -905,7 +959,8 @@ pub fn plx_evt_io_device_control<P: Platform, M: HostBuffer>(
     let now = {
         let _scope = ext.sync_scope();
         // ORDERING: read under the scope by the I/O callbacks.
-        !ext.require_single_transfer.fetch_xor(true, Ordering::Relaxed)
+        !ext.require_single_transfer
+            .fetch_xor(true, Ordering::Relaxed)
     };
     let status = output.memory().store(0, &[u8::from(now)]);
     let _ = request.complete_with_information(status, 1);
@@ -939,6 +994,24 @@ pub fn plx_evt_program_read_dma<P: Platform, M: HostBuffer>(
 /// Both program-DMA callbacks: build the descriptor chain, then under the interrupt lock set
 /// DMAMODE, INTCSR, DMADPR and DMACSR (Enable | Start), in the sample's order.
 fn program_dma<P: Platform, M: HostBuffer>(
+    t: &PlxTransaction<P, M>,
+    ext: &DeviceExtension<P, M>,
+    channel: usize,
+    sg: &[SgElement],
+) -> bool {
+    let depth = PROGRAM_DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get()
+    });
+    ext.counters
+        .max_program_depth
+        .fetch_max(u64::from(depth), Ordering::Relaxed);
+    let started = program_chain(t, ext, channel, sg);
+    PROGRAM_DEPTH.with(|d| d.set(d.get() - 1));
+    started
+}
+
+fn program_chain<P: Platform, M: HostBuffer>(
     t: &PlxTransaction<P, M>,
     ext: &DeviceExtension<P, M>,
     channel: usize,
@@ -1044,7 +1117,14 @@ pub fn plx_evt_interrupt_isr<P: Platform, M: HostBuffer>(
     let Some(regs) = ext.regs() else {
         return false;
     };
+    if PROGRAM_DEPTH.with(std::cell::Cell::get) > 0 {
+        bump(&ext.counters.isr_inside_program_dma);
+    }
     let int_csr = regs.read32(INTCSR);
+    let both = intcsr::DMA_INT_ACTIVE[WRITE] | intcsr::DMA_INT_ACTIVE[READ];
+    if int_csr & both == both {
+        bump(&ext.counters.isr_both);
+    }
     let mut saved = lock(&ext.saved);
     let mut claimed = false;
     for channel in [WRITE, READ] {
@@ -1086,8 +1166,8 @@ pub fn plx_evt_interrupt_dpc<P: Platform, M: HostBuffer>(
         let hardened = ext.hardened();
         let flags = interrupt.synchronize(|| {
             let mut s = lock(&ext.saved);
-            let write = s.int_csr & intcsr::DMA_INT_ACTIVE[WRITE] != 0
-                && s.csr[WRITE] & csr::DONE != 0;
+            let write =
+                s.int_csr & intcsr::DMA_INT_ACTIVE[WRITE] != 0 && s.csr[WRITE] & csr::DONE != 0;
             if write {
                 s.int_csr &= !intcsr::DMA_INT_ACTIVE[WRITE];
                 s.csr[WRITE] = 0;
@@ -1113,6 +1193,9 @@ pub fn plx_evt_interrupt_dpc<P: Platform, M: HostBuffer>(
         let Ok((write, read, aborts)) = flags else {
             return;
         };
+        if write && read {
+            bump(&ext.counters.dpc_both);
+        }
         if write {
             finished[WRITE] = dma_done(device, WRITE, aborts);
         }
@@ -1140,7 +1223,7 @@ fn dma_done<P: Platform, M: HostBuffer>(
         return None;
     }
     bump(&ext.counters.dma_completed[channel]);
-    let (completion, status_override) = if ext.hardened() {
+    let (call, status_override) = if ext.hardened() {
         let timed_out = {
             let mut w = lock(&ext.watch);
             let fired = w[channel].fired;
@@ -1153,22 +1236,38 @@ fn dma_done<P: Platform, M: HostBuffer>(
         let moved = ext.moved_by_clear_count(channel);
         let aborted = aborts & PCI_ABORT != 0 && aborts & WAS_BUS_MASTER[channel] != 0;
         if timed_out {
-            (t.dma_completed_final(moved), Some(Error::IoTimeout))
+            (CompletionCall::Final(moved), Some(Error::IoTimeout))
         } else if aborted {
             bump(&ext.counters.aborts_detected);
-            (t.dma_completed_final(moved), Some(Error::DeviceDataError))
+            (CompletionCall::Final(moved), Some(Error::DeviceDataError))
         } else {
-            (t.dma_completed_with_length(moved), None)
+            (CompletionCall::WithLength(moved), None)
         }
     } else if channel == WRITE {
         // The sample assumes the whole transfer moved.
-        (t.dma_completed(), None)
+        (CompletionCall::Completed, None)
     } else {
         (
-            t.dma_completed_with_length(ext.moved_by_clear_count(channel)),
+            CompletionCall::WithLength(ext.moved_by_clear_count(channel)),
             None,
         )
     };
+    let completion = match call {
+        CompletionCall::Completed => t.dma_completed(),
+        CompletionCall::WithLength(n) => t.dma_completed_with_length(n),
+        CompletionCall::Final(n) => t.dma_completed_final(n),
+    };
+    {
+        let mut log = lock(&ext.completion_log);
+        if log.len() == PROGRAM_LOG_CAPACITY {
+            log.pop_front();
+        }
+        log.push_back(CompletionRecord {
+            direction: direction_of(channel),
+            call,
+            finished: matches!(completion, Ok(Completion::Finished(_))),
+        });
+    }
     match completion {
         Ok(Completion::Finished(status)) => {
             let request = if channel == WRITE {

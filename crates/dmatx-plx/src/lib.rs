@@ -29,4 +29,5 @@
 
 pub mod driver;
 pub mod hw;
+pub mod scenarios;
 pub mod sim;

@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use dmatx::{Direction, DmaDevice, Error, Result};
 use dmatx_runtime::RequestHandle;
-use dmatx_sim::{
-    Placement, Plx9656Config, SimBuffer, SimConfig, SimPlatform, SimPlx9656,
-};
+use dmatx_sim::{Placement, Plx9656Config, SimBuffer, SimConfig, SimPlatform, SimPlx9656};
 
 use crate::driver::{Delay, HostBuffer, Plx, PlxConfig, Resource, plx_evt_device_add};
 
@@ -211,9 +209,7 @@ impl SimBoard {
     /// # Errors
     /// The platform's allocation error.
     pub fn buffer_with(&self, data: &[u8], page_offset: u64) -> Result<SimBuffer> {
-        let mut b = self
-            .sim
-            .allocate_buffer(data.len() as u64, page_offset)?;
+        let mut b = self.sim.allocate_buffer(data.len() as u64, page_offset)?;
         b.write(0, data)?;
         Ok(b)
     }

@@ -252,6 +252,15 @@ impl<M> fmt::Debug for RequestMemory<M> {
 }
 
 impl<M> RequestMemory<M> {
+    /// Driver-owned memory in the request-buffer type, so a transaction that serves requests can
+    /// also run on a buffer of the driver's own (a KMDF driver's own MDL chain, initialized with
+    /// `WdfDmaTransactionInitialize` on the same transaction object).
+    pub fn new(memory: M) -> Self {
+        Self {
+            memory: Arc::new(memory),
+        }
+    }
+
     /// The underlying memory.
     pub fn memory(&self) -> &M {
         &self.memory

@@ -105,7 +105,26 @@ pub trait HostBuffer: MemoryDescriptor + Send + Sync + 'static {
     /// # Errors
     /// [`Error::InvalidParameter`] if the range lies outside the buffer.
     fn store(&self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Copy the buffer's bytes at `offset` into `out`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] if the range lies outside the buffer.
+    fn load(&self, offset: u64, out: &mut [u8]) -> Result<()>;
 }
+
+/// The fragmentation build's driver-owned buffers (`SIMULATE_MEMORY_FRAGMENTATION`): one chain
+/// per direction — the sample's `BuildMdlChain` makes eight 1 KiB buffers — that requests are
+/// copied through, so a transfer has many SG elements.
+pub struct FragmentationChains<M> {
+    /// The chain writes are copied into.
+    pub write: M,
+    /// The chain reads land in.
+    pub read: M,
+}
+
+/// The fragmentation build's descriptor count and SG element limit.
+pub const FRAGMENTATION_DTE_COUNT: u64 = 17;
 
 /// A hardware resource handed to `EvtDevicePrepareHardware`.
 pub enum Resource {
@@ -269,6 +288,12 @@ pub struct DeviceExtension<P: Platform, M: HostBuffer> {
     enabler: Enabler<P>,
     /// Descriptor chains: write channel, read channel (`WriteCommonBuffer`, `ReadCommonBuffer`).
     common: [CommonBuffer<P>; 2],
+    /// Descriptors per chain (`dteCount`): 3, or 17 in the fragmentation build.
+    dte_count: u64,
+    /// The fragmentation build's chains (write, read).
+    chains: Option<[RequestMemory<M>; 2]>,
+    /// The fragmentation build's read request (its transaction runs on the driver's chain).
+    read_request: Mutex<Option<Request<M>>>,
     /// `WriteDmaTransaction`, `ReadDmaTransaction`.
     transactions: [Arc<PlxTransaction<P, M>>; 2],
     /// The write transaction's context: its request (the read's is bound by the framework).
@@ -349,8 +374,8 @@ impl<P: Platform, M: HostBuffer> DeviceExtension<P, M> {
     }
 
     /// The descriptors in `channel`'s common buffer, as they are now.
-    fn descriptors(&self, channel: usize) -> [Dte; DTE_COUNT as usize] {
-        let mut out = [Dte::default(); DTE_COUNT as usize];
+    fn descriptors(&self, channel: usize) -> Vec<Dte> {
+        let mut out = vec![Dte::default(); self.dte_count as usize];
         for (i, d) in out.iter_mut().enumerate() {
             let mut raw = [0u8; 32];
             if self.common[channel]
@@ -411,6 +436,36 @@ pub fn plx_evt_device_add<P: Platform, M: HostBuffer>(
     delay: Delay,
     config: PlxConfig,
 ) -> Result<Plx<P, M>> {
+    device_add(dma, delay, config, None)
+}
+
+/// `PLxEvtDeviceAdd` of the fragmentation build (`SIMULATE_MEMORY_FRAGMENTATION`): 17
+/// descriptors per chain and as the SG element limit, and requests copied through `chains`.
+/// A request longer than its chain fails with [`Error::InvalidBufferSize`] (the sample's chain
+/// of eight 1 KiB buffers is smaller than its 128 KiB request limit).
+///
+/// # Errors
+/// As [`plx_evt_device_add`].
+pub fn plx_evt_device_add_fragmented<P: Platform, M: HostBuffer>(
+    dma: DmaDevice<P>,
+    delay: Delay,
+    config: PlxConfig,
+    chains: FragmentationChains<M>,
+) -> Result<Plx<P, M>> {
+    device_add(dma, delay, config, Some(chains))
+}
+
+fn device_add<P: Platform, M: HostBuffer>(
+    dma: DmaDevice<P>,
+    delay: Delay,
+    config: PlxConfig,
+    chains: Option<FragmentationChains<M>>,
+) -> Result<Plx<P, M>> {
+    let dte_count = if chains.is_some() {
+        FRAGMENTATION_DTE_COUNT
+    } else {
+        DTE_COUNT
+    };
     // PLxInitializeDMA: SG64 duplex, 8 KiB, v3 (for the single-transfer requirement).
     let mut enabler_config =
         EnablerConfig::new(Profile::ScatterGather64Duplex, MAXIMUM_TRANSFER_LENGTH)
@@ -418,15 +473,15 @@ pub fn plx_evt_device_add<P: Platform, M: HostBuffer>(
     enabler_config.verifier = config.verifier;
     let enabler = Enabler::create(&dma, enabler_config)?;
     let made = (|| {
-        enabler.set_max_sg_elements(DTE_COUNT)?;
+        enabler.set_max_sg_elements(dte_count)?;
         // WdfDeviceSetAlignmentRequirement(FILE_OCTA_ALIGNMENT): the descriptors' alignment.
         let common_config = CommonBufferConfig {
             alignment_requirement: Some(ALIGNMENT_MASK),
         };
-        let chain_bytes = DTE_COUNT * Dte::SIZE;
+        let chain_bytes = dte_count * Dte::SIZE;
         let write_common = CommonBuffer::create_with_config(&enabler, chain_bytes, common_config)?;
         let read_common = CommonBuffer::create_with_config(&enabler, chain_bytes, common_config)?;
-        let zero = [0u8; (DTE_COUNT * Dte::SIZE) as usize];
+        let zero = vec![0u8; chain_bytes as usize];
         write_common.write(0, &zero)?;
         read_common.write(0, &zero)?;
         let write_tx = Transaction::create(&enabler)?;
@@ -444,6 +499,9 @@ pub fn plx_evt_device_add<P: Platform, M: HostBuffer>(
         config,
         enabler: enabler.clone(),
         common,
+        dte_count,
+        chains: chains.map(|c| [RequestMemory::new(c.write), RequestMemory::new(c.read)]),
+        read_request: Mutex::new(None),
         transactions,
         write_request: Mutex::new(None),
         regs: OnceLock::new(),
@@ -687,7 +745,7 @@ impl<P: Platform, M: HostBuffer> Plx<P, M> {
     }
 
     /// The descriptors in the write or read common buffer, as they are now.
-    pub fn descriptors(&self, direction: Direction) -> [Dte; DTE_COUNT as usize] {
+    pub fn descriptors(&self, direction: Direction) -> Vec<Dte> {
         self.device.context().descriptors(channel_of(direction))
     }
 
@@ -866,7 +924,18 @@ pub fn plx_evt_io_write<P: Platform, M: HostBuffer>(
                 return Err(Error::InvalidBufferSize);
             }
             t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
-            let memory = request.input_memory().ok_or(Error::InvalidDeviceRequest)?;
+            let mut memory = request.input_memory().ok_or(Error::InvalidDeviceRequest)?;
+            if let Some(chains) = &ext.chains {
+                // The fragmentation build: copy the request into the driver's chain.
+                let chain = &chains[WRITE];
+                if length > chain.total_length() {
+                    return Err(Error::InvalidBufferSize);
+                }
+                let mut bytes = vec![0u8; length as usize];
+                memory.memory().load(0, &mut bytes)?;
+                chain.memory().store(0, &bytes)?;
+                memory = chain.clone();
+            }
             if memory.segment_count() == 0 {
                 return Err(Error::InvalidDeviceRequest);
             }
@@ -914,6 +983,27 @@ pub fn plx_evt_io_read<P: Platform, M: HostBuffer>(
                 return Err(Error::InvalidBufferSize);
             }
             t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
+            if let Some(chains) = &ext.chains {
+                // The fragmentation build: read into the driver's chain, the request in the
+                // context; the DPC copies the bytes out.
+                let chain = chains[READ].clone();
+                if length > chain.total_length() {
+                    return Err(Error::InvalidBufferSize);
+                }
+                t.initialize_using_offset(
+                    plx_evt_program_read_dma::<P, M>,
+                    Direction::ReadFromDevice,
+                    chain,
+                    0,
+                    length,
+                )
+                .map_err(|e| e.error)?;
+                bump(&ext.counters.initialized[READ]);
+                *lock(&ext.read_request) = Some(request.clone());
+                return t.execute(device.clone()).inspect_err(|_| {
+                    lock(&ext.read_request).take();
+                });
+            }
             dmatx_runtime::dma::initialize_using_request(
                 t,
                 &request,
@@ -1272,19 +1362,39 @@ fn dma_done<P: Platform, M: HostBuffer>(
         Ok(Completion::Finished(status)) => {
             let request = if channel == WRITE {
                 lock(&ext.write_request).take()
+            } else if ext.chains.is_some() {
+                lock(&ext.read_request).take()
             } else {
                 dmatx_runtime::dma::request_of(t)
             };
             let bytes = t.bytes_transferred();
-            ext.release(channel);
-            let status = match status_override {
+            let mut status = match status_override {
                 Some(e) => Err(e),
                 None => status,
             };
+            if channel == READ
+                && let (Some(chains), Some(request)) = (&ext.chains, &request)
+            {
+                // The fragmentation build: copy what arrived into the request's buffer.
+                status = status.and_then(|()| copy_out(&chains[READ], request, bytes));
+            }
+            ext.release(channel);
             request.map(|r| (r, status, bytes))
         }
         Ok(Completion::MoreProcessingRequired) | Err(_) => None,
     }
+}
+
+/// The fragmentation build's read: the first `bytes` of the chain into the request's buffer.
+fn copy_out<M: HostBuffer>(
+    chain: &RequestMemory<M>,
+    request: &Request<M>,
+    bytes: u64,
+) -> Result<()> {
+    let output = request.output_memory().ok_or(Error::InvalidDeviceRequest)?;
+    let mut data = vec![0u8; bytes as usize];
+    chain.memory().load(0, &mut data)?;
+    output.memory().store(0, &data)
 }
 
 // -------------------------------------------------------------------------------------------

@@ -1324,9 +1324,70 @@ fn p16(s: &Scenario) -> Result<Report, String> {
 // -------------------------------------------------------------------------------------------
 // P17: the fragmentation build
 
+/// The page offsets of the fragmentation build's eight 1 KiB buffers: four of them cross a
+/// page boundary.
+const P17_CHAIN: [u64; 8] = [0, 3584, 512, 3072, 0, 3900, 100, 3500];
+
 fn p17(s: &Scenario) -> Result<Report, String> {
-    let _ = s;
-    Err("P17 (the fragmentation variant) is not built yet".into())
+    let mut r = Report::new(s);
+    let b = board(BoardConfig {
+        fragmentation: Some(P17_CHAIN.to_vec()),
+        ..BoardConfig::default()
+    })?;
+    r.expect(
+        "max SG elements",
+        crate::driver::FRAGMENTATION_DTE_COUNT,
+        u64::from(b.plx().enabler().max_sg_elements()),
+    );
+    let data = pattern(8192, 17);
+    let h = b.write(&data, 0).map_err(|e| e.to_string())?;
+    let done = wait(&h)?;
+    settle(&b)?;
+    let log = b.plx().program_log();
+    let elements: Vec<usize> = log.iter().map(|p| p.elements).collect();
+    r.that(
+        "8192: one transfer with 8-16 SG elements",
+        "1 transfer, 8..=16",
+        elements.len() == 1 && (8..=16).contains(&elements[0]),
+        format!("{elements:?}"),
+    );
+    r.expect(
+        "8192: status, information",
+        (Ok(()), 8192),
+        status_info(&done),
+    );
+    r.expect("SRAM = data", data.clone(), sram(&b, 0, 8192));
+    let back = b.read(8192, 0).map_err(|e| e.to_string())?;
+    let bd = wait(&back)?;
+    r.expect(
+        "read back through the read chain: status, information, data",
+        ((Ok(()), 8192), data.clone()),
+        (status_info(&bd), output(&back)),
+    );
+    let (t, v) = toggle(&b)?;
+    r.expect("toggle single transfer on", (Ok(()), 1), (t.status, v));
+    b.plx().clear_logs();
+    let data2 = pattern(8192, 170);
+    let h2 = b.write(&data2, 0).map_err(|e| e.to_string())?;
+    let d2 = wait(&h2)?;
+    settle(&b)?;
+    r.expect(
+        "single transfer on: transfers, status, information",
+        (1, (Ok(()), 8192)),
+        (b.plx().program_log().len(), status_info(&d2)),
+    );
+    r.expect("SRAM = second data", data2, sram(&b, 0, 8192));
+    let h3 = b.write(&pattern(8193, 171), 0).map_err(|e| e.to_string())?;
+    let d3 = wait(&h3)?;
+    r.expect(
+        "8193 bytes: larger than the 8 KiB chain",
+        Err(Error::InvalidBufferSize),
+        d3.status,
+    );
+    r.note("the sample's fragmentation chain (8 KiB) is smaller than its 128 KiB request limit; the port refuses longer requests with STATUS_INVALID_BUFFER_SIZE");
+    drop((h, back, h2, h3));
+    r.shut_down("board", b);
+    Ok(r)
 }
 
 // -------------------------------------------------------------------------------------------

@@ -17,11 +17,18 @@ use dmatx::{Direction, DmaDevice, Error, Result};
 use dmatx_runtime::RequestHandle;
 use dmatx_sim::{Placement, Plx9656Config, SimBuffer, SimConfig, SimPlatform, SimPlx9656};
 
-use crate::driver::{Delay, HostBuffer, Plx, PlxConfig, Resource, plx_evt_device_add};
+use crate::driver::{
+    Delay, FragmentationChains, HostBuffer, Plx, PlxConfig, Resource, plx_evt_device_add,
+    plx_evt_device_add_fragmented,
+};
 
 impl HostBuffer for SimBuffer {
     fn store(&self, offset: u64, data: &[u8]) -> Result<()> {
         SimBuffer::store(self, offset, data)
+    }
+
+    fn load(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        SimBuffer::read(self, offset, out)
     }
 }
 
@@ -37,6 +44,9 @@ pub struct BoardConfig {
     pub chip: Plx9656Config,
     /// The driver.
     pub driver: PlxConfig,
+    /// The fragmentation build: the page offsets of the 1 KiB buffers of each direction's
+    /// chain (the sample's `BuildMdlChain` makes eight); `None` for the default build.
+    pub fragmentation: Option<Vec<u64>>,
 }
 
 impl Default for BoardConfig {
@@ -45,6 +55,7 @@ impl Default for BoardConfig {
             sim: SimConfig::default(),
             chip: Plx9656Config::default(),
             driver: PlxConfig::default(),
+            fragmentation: None,
         }
     }
 }
@@ -104,7 +115,7 @@ impl SimBoard {
     /// The platform's or the driver's error, as a message.
     pub fn new(config: BoardConfig) -> core::result::Result<Self, String> {
         let sim = SimPlatform::with_config(config.sim).map_err(|e| format!("machine: {e}"))?;
-        Self::on(sim, config.chip, config.driver)
+        Self::on(sim, config.chip, config.driver, config.fragmentation)
     }
 
     /// As [`SimBoard::new`] on an existing machine.
@@ -115,6 +126,7 @@ impl SimBoard {
         sim: SimPlatform,
         chip_config: Plx9656Config,
         driver: PlxConfig,
+        fragmentation: Option<Vec<u64>>,
     ) -> core::result::Result<Self, String> {
         let dma = DmaDevice::new(sim.clone());
         // The chip exists before the driver does; the delay reaches it through this slot.
@@ -126,8 +138,22 @@ impl SimBoard {
                 chip.advance(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
             }
         });
-        let plx: SimPlx =
-            plx_evt_device_add(dma, delay, driver).map_err(|e| format!("device add: {e}"))?;
+        let plx: SimPlx = match fragmentation {
+            None => plx_evt_device_add(dma, delay, driver),
+            Some(offsets) => {
+                let parts: Vec<(u64, u64)> = offsets.iter().map(|&o| (1024, o)).collect();
+                let chain = || {
+                    sim.allocate_chain(&parts)
+                        .map_err(|e| format!("fragmentation chain: {e}"))
+                };
+                let chains = FragmentationChains {
+                    write: chain()?,
+                    read: chain()?,
+                };
+                plx_evt_device_add_fragmented(dma, delay, driver, chains)
+            }
+        }
+        .map_err(|e| format!("device add: {e}"))?;
         let enabler = plx.enabler();
         let (Some(read), Some(write)) = (
             enabler.adapter(Direction::ReadFromDevice),

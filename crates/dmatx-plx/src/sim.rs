@@ -174,6 +174,8 @@ impl SimBoard {
             let _ = plx.remove();
             return Err(format!("prepare hardware: {e}"));
         }
+        #[cfg(feature = "tracing")]
+        chip.set_event_sink(trace_chip_event);
         let line = Arc::new(Line::default());
         let edge = Arc::clone(&line);
         chip.set_line_listener(move || edge.kick());
@@ -341,6 +343,29 @@ impl Drop for SimBoard {
     fn drop(&mut self) {
         self.stop_controller();
         self.chip.clear_line_listener();
+    }
+}
+
+/// The chip's events as `device.*` tracing events (docs/TRACING.md).
+#[cfg(feature = "tracing")]
+fn trace_chip_event(event: dmatx_sim::Plx9656Event) {
+    use dmatx_sim::Plx9656EventKind as K;
+    let channel = event.channel.unwrap_or(0) as u64;
+    match event.kind {
+        K::Start { start } => {
+            tracing::event!(name: "device.start", target: "dmatx_plx", tracing::Level::DEBUG, channel, start);
+        }
+        K::Done { bytes, outcome } => {
+            let outcome = format!("{outcome:?}");
+            tracing::event!(name: "device.done", target: "dmatx_plx", tracing::Level::DEBUG, channel, bytes, outcome = outcome.as_str());
+        }
+        K::IrqRaised { .. } => {
+            tracing::event!(name: "device.irq", target: "dmatx_plx", tracing::Level::DEBUG, channel);
+        }
+        K::LineAsserted => {
+            tracing::event!(name: "device.line", target: "dmatx_plx", tracing::Level::DEBUG, {});
+        }
+        _ => {}
     }
 }
 

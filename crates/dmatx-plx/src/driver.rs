@@ -48,9 +48,10 @@ use crate::hw::{
 };
 
 /// `IOCTL_PLX9X5X_TOGGLE_SINGLE_TRANSFER` (`METHOD_BUFFERED`): flip the single-transfer
-/// requirement; the output's first byte gets the new value (1 or 0).
+/// requirement; the output's first byte gets the new value (1 or 0). The sample's
+/// `CTL_CODE(FILE_DEVICE_UNKNOWN, 0x0, METHOD_BUFFERED, FILE_ANY_ACCESS)`.
 pub const IOCTL_PLX9X5X_TOGGLE_SINGLE_TRANSFER: IoctlCode =
-    IoctlCode::new(0x22, 0x800, TransferMethod::Buffered, 0);
+    IoctlCode::new(0x22, 0x0, TransferMethod::Buffered, 0);
 
 /// The time the soft reset holds CNTRL bit 30 (`PLxEvtDeviceD0Exit`'s 100 ms wait).
 pub const SOFT_RESET_HOLD: Duration = Duration::from_millis(100);

@@ -78,7 +78,7 @@ fn board() -> SimBoard {
 #[test]
 fn ioctl_errors_are_reported() {
     let b = board();
-    let unknown = IoctlCode::new(0x22, 0x801, TransferMethod::Buffered, 0);
+    let unknown = IoctlCode::new(0x22, 0x1, TransferMethod::Buffered, 0);
     let out = b.sim().allocate_buffer(1, 0).unwrap();
     let h = b.plx().device_control(unknown, None, Some(out)).unwrap();
     assert_eq!(

@@ -1,0 +1,6 @@
+//! The library behind the `dmatx` command: the pieces its subcommands share and that other
+//! subcommands (the demo's and the scenarios' `--trace`) use.
+//!
+//! * [`output`]: files written atomically, checked for writability before a long run.
+
+pub mod output;

@@ -5,6 +5,8 @@
 //! scatter/gather device and reads it back into a fresh buffer, byte-verified, with the
 //! transfers completed from a DPC-like loop as the device finishes them. It ends with a summary.
 //! (The PLX9x5x sample replaces this workload with a real driver port in a later release.)
+//!
+//! `dmatx trace render` lives in the crate's library (`dmatx_cli::render`).
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dmatx::{
@@ -35,6 +37,8 @@ struct Cli {
 enum Command {
     /// Run write and read-back requests through dmatx on the simulated machine.
     Demo(DemoArgs),
+    /// Work with trace-event JSON files (`dmatx trace render FILE OUT.svg`).
+    Trace(dmatx_cli::render::TraceArgs),
 }
 
 #[derive(Parser)]
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo(&args),
+        Command::Trace(args) => dmatx_cli::render::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! * [`trace`]: the recorder, a `tracing` layer that writes Chrome/Perfetto trace-event JSON
 //!   (the contract is `docs/TRACING.md`);
 //! * [`render`]: `dmatx trace render`, the trace parser and validator and the SVG timeline;
+//! * [`plot`]: SVG line plots of named series;
 //! * [`output`]: files written atomically, checked for writability before a long run.
 //!
 //! Recording a run and writing its trace:
@@ -20,5 +21,6 @@
 //! ```
 
 pub mod output;
+pub mod plot;
 pub mod render;
 pub mod trace;

@@ -4,6 +4,8 @@
 //! * [`trace`]: the recorder, a `tracing` layer that writes Chrome/Perfetto trace-event JSON
 //!   (the contract is `docs/TRACING.md`);
 //! * [`render`]: `dmatx trace render`, the trace parser and validator and the SVG timeline;
+//! * [`bench`](mod@bench): `dmatx bench`, throughput against transaction size on the simulated
+//!   machine;
 //! * [`plot`]: SVG line plots of named series;
 //! * [`output`]: files written atomically, checked for writability before a long run.
 //!
@@ -20,6 +22,7 @@
 //! # Ok::<(), String>(())
 //! ```
 
+pub mod bench;
 pub mod output;
 pub mod plot;
 pub mod render;

@@ -6,7 +6,8 @@
 //! transfers completed from a DPC-like loop as the device finishes them. It ends with a summary.
 //! (The PLX9x5x sample replaces this workload with a real driver port in a later release.)
 //!
-//! `dmatx trace render` lives in the crate's library (`dmatx_cli::render`).
+//! `dmatx trace render` and `dmatx bench` live in the crate's library (`dmatx_cli::render`,
+//! `dmatx_cli::bench`).
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dmatx::{
@@ -39,6 +40,8 @@ enum Command {
     Demo(DemoArgs),
     /// Work with trace-event JSON files (`dmatx trace render FILE OUT.svg`).
     Trace(dmatx_cli::render::TraceArgs),
+    /// Measure the throughput of whole transactions against their size and plot it.
+    Bench(dmatx_cli::bench::BenchArgs),
 }
 
 #[derive(Parser)]
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo(&args),
         Command::Trace(args) => dmatx_cli::render::run(&args),
+        Command::Bench(args) => dmatx_cli::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,7 +36,7 @@ impl HostBuffer for SimBuffer {
 pub type SimPlx = Plx<SimPlatform, SimBuffer>;
 
 /// How to build a [`SimBoard`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct BoardConfig {
     /// The machine.
     pub sim: SimConfig,
@@ -47,17 +47,6 @@ pub struct BoardConfig {
     /// The fragmentation build: the page offsets of the 1 KiB buffers of each direction's
     /// chain (the sample's `BuildMdlChain` makes eight); `None` for the default build.
     pub fragmentation: Option<Vec<u64>>,
-}
-
-impl Default for BoardConfig {
-    fn default() -> Self {
-        Self {
-            sim: SimConfig::default(),
-            chip: Plx9656Config::default(),
-            driver: PlxConfig::default(),
-            fragmentation: None,
-        }
-    }
 }
 
 #[derive(Default)]

@@ -68,6 +68,10 @@
 
 extern crate alloc;
 
+// First: its macros are used by the modules below.
+#[macro_use]
+mod trace;
+
 mod binding;
 mod common_buffer;
 mod device;

@@ -4,10 +4,11 @@
 //! (starting), §3.4 (completion), §3.5 (staging/completion races), §3.6 (cancel), §3.11 (reuse).
 //!
 //! # How the races are kept apart
-//! One small lock per transaction guards its state. Driver callbacks never run under it. A
-//! transfer is *prepared* (its length computed, its map registers obtained: the steps that can
-//! fail, done by the caller who can be told) and then *staged* (mapped and handed to the
-//! driver's program-DMA callback, which cannot fail). Only one thread stages at a time, the
+//! One small lock per transaction guards its state. Driver callbacks never run under it, nor
+//! do `tracing` subscribers (what happens under it is recorded, and emitted once it is
+//! released: `crate::trace`). A transfer is *prepared* (its length computed, its map registers
+//! obtained: the steps that can fail, done by the caller who can be told) and then *staged*
+//! (mapped and handed to the driver's program-DMA callback, which cannot fail). Only one thread stages at a time, the
 //! *stager*: a completion that prepares the next transfer while a stager is inside program-DMA —
 //! from inside the callback or from another thread — leaves it `ready` for the stager, which
 //! maps and programs it after the callback returns. So program-DMA never nests, for every kind
@@ -16,7 +17,8 @@
 use crate::binding::RequestBinding;
 use crate::enabler::{Child, Enabler, EnablerShared};
 use crate::split;
-use crate::sync::{Arc, Mutex, MutexGuard, Weak};
+use crate::sync::{Arc, Mutex, Weak};
+use crate::trace;
 use alloc::vec::Vec;
 use core::fmt;
 use core::num::NonZeroU32;
@@ -175,10 +177,10 @@ impl Done {
 /// What the system-mode checks before mapping decided.
 enum BeforeMap<'a, P: Platform, C, B> {
     /// Map and program the transfer.
-    Map(MutexGuard<'a, Inner<P, C, B>>),
+    Map(TxGuard<'a, P, C, B>),
     /// Do not map it (suppressed by the configuration callback, reported stopped, or already
     /// completed by the driver); the staging succeeded.
-    Skip(MutexGuard<'a, Inner<P, C, B>>),
+    Skip(TxGuard<'a, P, C, B>),
     /// The transaction finished with this error (stopped, no callback to report it).
     Failed(Error),
 }
@@ -210,12 +212,12 @@ impl<P: Platform, C, B> Drop for StagerGuard<'_, P, C, B> {
         if !self.armed {
             return;
         }
-        let mut g = self.transaction.inner.lock();
+        let mut g = self.transaction.lock();
         g.staging = false;
         if g.ready {
             // Its registers stay in the transaction; release returns them.
             g.ready = false;
-            g.state = State::TransferFailed;
+            g.set_state(State::TransferFailed);
         }
     }
 }
@@ -276,6 +278,51 @@ struct Inner<P: Platform, C, B> {
     deferred_done: Option<SystemDmaStatus>,
     /// The reserve callback and its context, until it is called.
     reserve_callback: Option<(ReserveDma<P, C, B>, C)>,
+    /// Events recorded under the lock, emitted when it is released (`crate::trace`).
+    #[cfg(feature = "tracing")]
+    trace: trace::Log,
+}
+
+impl<P: Platform, C, B> Inner<P, C, B> {
+    /// The one place the state changes (recorded for the `tx.state` event).
+    fn set_state(&mut self, to: State) {
+        trace_record!(
+            self.trace,
+            State {
+                from: self.state,
+                to
+            }
+        );
+        self.state = to;
+    }
+}
+
+#[cfg(feature = "tracing")]
+impl<P: Platform, C, B> trace::Traced for Inner<P, C, B> {
+    fn log(&mut self) -> &mut trace::Log {
+        &mut self.trace
+    }
+}
+
+/// The transaction's lock held (with the `tracing` feature, a guard that emits the events
+/// recorded under the lock once it is released).
+type TxGuard<'a, P, C, B> = trace::Guard<'a, Inner<P, C, B>>;
+
+/// Where transaction ids come from: a process-wide counter, starting at 1. A plain `core`
+/// atomic even under loom: ids are not part of the protocol the loom models explore.
+#[cfg(target_has_atomic = "64")]
+static NEXT_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+#[cfg(not(target_has_atomic = "64"))]
+static NEXT_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
+
+/// A new transaction id.
+fn next_id() -> u64 {
+    // ORDERING: a counter; only uniqueness matters, which the read-modify-write gives under
+    // any ordering.
+    let id = NEXT_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(target_has_atomic = "64"))]
+    let id = id as u64;
+    id
 }
 
 /// Resources taken out of a transaction under its lock, to be returned after the lock is
@@ -333,6 +380,8 @@ struct Leftovers<C> {
 /// # Ok::<(), dmatx::Error>(())
 /// ```
 pub struct Transaction<P: Platform, C, B> {
+    /// [`Transaction::id`].
+    id: u64,
     enabler: Arc<EnablerShared<P>>,
     kind: TransactionKind,
     /// This transaction as the platform's waiter (weak: no reference counting unless a request
@@ -390,6 +439,7 @@ where
         area.resize(capacity, SgElement::default());
         let single_transfer = shared.require_single_transfer;
         let transaction = Arc::new_cyclic(|this: &Weak<Self>| Self {
+            id: next_id(),
             enabler: Arc::clone(shared),
             kind,
             waiter: this.clone() as WaiterRef,
@@ -424,6 +474,8 @@ where
                 configure_channel: None,
                 transfer_complete: None,
                 deferred_done: None,
+                #[cfg(feature = "tracing")]
+                trace: trace::Log::default(),
             }),
             staging_area: Mutex::new(area),
         });
@@ -561,7 +613,7 @@ where
             return refuse(Error::InvalidDeviceRequest, buffer);
         };
 
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if !matches!(g.state, State::Created | State::Reserved | State::Released) {
             let error = self.misuse(Call::Initialize, g.state, INIT_STATE);
             return refuse(error, buffer);
@@ -604,7 +656,11 @@ where
             self.dispose(leftovers);
             return refuse(error, buffer);
         }
-        g.state = State::Initialized;
+        trace_record!(g.trace, Initialize { direction, length });
+        traced! {
+            g.trace.new_use();
+        }
+        g.set_state(State::Initialized);
         g.direction = direction;
         g.buffer = Some(buffer);
         g.program_dma = Some(program_dma);
@@ -644,7 +700,7 @@ where
     }
 
     fn execute_inner(&self, context: C) -> Result<()> {
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if g.state != State::Initialized {
             return Err(self.misuse(Call::Execute, g.state, EXECUTE_STATE));
         }
@@ -659,14 +715,15 @@ where
             // transactions are returning to the pool.
             return Err(Error::InvalidDeviceState);
         }
+        trace_record!(g.trace, Execute);
         if self.kind == TransactionKind::Packet && self.enabler.version == DmaVersion::V2 {
             if !self.enabler.device.try_take_packet_slot() {
-                g.state = State::TransferFailed;
+                g.set_state(State::TransferFailed);
                 return Err(Error::WdfBusy);
             }
             g.holds_packet_slot = true;
         }
-        g.state = State::Transfer;
+        g.set_state(State::Transfer);
         g.context = Some(context);
         if let Some(request) = &g.request {
             request.set_dma_active(true);
@@ -767,7 +824,15 @@ where
             count,
             immediate: g.immediate,
         };
-        match record.adapter.allocate(request, &self.waiter)? {
+        let answer = record.adapter.allocate(request, &self.waiter);
+        trace_record!(
+            g.trace,
+            Allocate {
+                registers: count.get(),
+                outcome: trace::outcome(&answer)
+            }
+        );
+        match answer? {
             Allocation::Granted(registers) => {
                 g.registers = Some(registers);
                 g.ready = true;
@@ -782,7 +847,7 @@ where
 
     /// Become the stager and stage ready transfers until none is left. Returns an error only if
     /// the platform failed to map a transfer, which finished the transaction.
-    fn stage<'a>(&'a self, mut g: MutexGuard<'a, Inner<P, C, B>>) -> Option<Error> {
+    fn stage<'a>(&'a self, mut g: TxGuard<'a, P, C, B>) -> Option<Error> {
         // The object outlives the loop even if the driver drops its handle from inside
         // program-DMA (statement 72): whoever called in (execute, a completion, or the
         // platform granting a queued request) holds an `Arc` until it returns.
@@ -834,7 +899,15 @@ where
                     g.programmed = true;
                     g.mapped = true;
                     g.reported = false;
-                    (m.elements.min(out.len()), callback)
+                    let elements = m.elements.min(out.len());
+                    trace_record!(
+                        g.trace,
+                        Map {
+                            bytes: g.current,
+                            elements
+                        }
+                    );
+                    (elements, callback)
                 }
                 (result, callback) => {
                     let e = result.err().unwrap_or(Error::InvalidDeviceState);
@@ -848,6 +921,10 @@ where
                 }
             };
             let direction = g.direction;
+            traced! {
+                let transfer = g.trace.next_transfer();
+                let (offset, length) = (g.transferred, g.current);
+            }
             drop(g);
             // If program-DMA panics (a driver bug, or a verifier panic inside it), the guard
             // leaves the transaction unstuck: no stager recorded, a deferred transfer turned
@@ -856,11 +933,22 @@ where
                 transaction: self,
                 armed: true,
             };
-            program_dma(self, &context, direction, &out[..elements]);
+            {
+                trace_enter!(
+                    _span,
+                    "tx.program_dma",
+                    tx = self.id,
+                    transfer,
+                    offset,
+                    length,
+                    elements = elements as u64
+                );
+                program_dma(self, &context, direction, &out[..elements]);
+            }
             unwinding.disarm();
             drop(area);
             drop(context);
-            g = self.inner.lock();
+            g = self.lock();
             // A controller completion that arrived meanwhile is delivered now, after
             // program-DMA returned (statement 90), still as the stager: a completion the
             // driver reports from it leaves the next transfer to this loop.
@@ -876,10 +964,7 @@ where
 
     /// System mode, before mapping a transfer: a stop (statement 89) and the
     /// channel-configuration callback (statement 91).
-    fn before_system_map<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Inner<P, C, B>>,
-    ) -> BeforeMap<'a, P, C, B> {
+    fn before_system_map<'a>(&'a self, mut g: TxGuard<'a, P, C, B>) -> BeforeMap<'a, P, C, B> {
         if !g.stopped
             && let (Some(configure), Some(context)) = (g.configure_channel, g.context.clone())
         {
@@ -892,7 +977,7 @@ where
             drop(g);
             let go = configure(self, &context, offset, length);
             drop(context);
-            g = self.inner.lock();
+            g = self.lock();
             if !go || !g.programmed || g.state != State::Transfer {
                 // Suppressed, or the driver reported the transfer from inside: no mapping,
                 // no program-DMA, and the staging succeeded.
@@ -920,7 +1005,7 @@ where
                 SystemDmaStatus::Cancelled { moved: 0 },
             );
             drop(context);
-            return BeforeMap::Skip(self.inner.lock());
+            return BeforeMap::Skip(self.lock());
         }
         // KMDF leaves the transaction in Transfer forever here (the failure is invisible
         // without a transfer-complete callback); dmatx finishes it and the call that staged
@@ -935,15 +1020,15 @@ where
     /// Call the driver's transfer-complete callback with `status` (lock dropped around it).
     fn deliver_done<'a>(
         &'a self,
-        mut g: MutexGuard<'a, Inner<P, C, B>>,
+        mut g: TxGuard<'a, P, C, B>,
         status: SystemDmaStatus,
-    ) -> MutexGuard<'a, Inner<P, C, B>> {
+    ) -> TxGuard<'a, P, C, B> {
         if let (Some(done), Some(context)) = (g.transfer_complete, g.context.clone()) {
             let direction = g.direction;
             drop(g);
             done(self, &context, direction, status);
             drop(context);
-            g = self.inner.lock();
+            g = self.lock();
         }
         g
     }
@@ -1025,7 +1110,7 @@ where
     }
 
     fn complete_inner(&self, done: Done) -> Result<Completion> {
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if g.state != State::Transfer {
             return Err(self.misuse(done.call(), g.state, COMPLETE_STATE));
         }
@@ -1050,6 +1135,7 @@ where
         // Per-transfer teardown. KMDF skips it when the length is invalid; dmatx always ends
         // the mapping so no register or mapping is lost (docs/quirks.md).
         let flushed = if g.mapped {
+            trace_record!(g.trace, Flush { bytes: current });
             self.flush_current(&g)
         } else {
             Ok(())
@@ -1080,6 +1166,14 @@ where
             } else {
                 State::TransferFailed
             };
+            trace_record!(
+                g.trace,
+                Completed {
+                    length: bytes,
+                    finished: true,
+                    status
+                }
+            );
             let mut leftovers = self.finish(&mut g, state);
             leftovers.registers = leftovers.registers.or(transfer_registers);
             drop(g);
@@ -1102,10 +1196,18 @@ where
                 if let Some(registers) = transfer_registers {
                     self.return_registers(registers, direction);
                 }
-                g = self.inner.lock();
+                g = self.lock();
                 self.prepare_sg(&mut g)
             }
         };
+        trace_record!(
+            g.trace,
+            Completed {
+                length: bytes,
+                finished: prepared.is_err(),
+                status: prepared.as_ref().map(|_| ()).map_err(|e| *e)
+            }
+        );
         match prepared {
             Err(e) => {
                 let leftovers = self.finish(&mut g, State::TransferFailed);
@@ -1164,7 +1266,7 @@ where
     }
 
     fn release_inner(&self) -> Result<Option<B>> {
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         match g.state {
             State::Released => Ok(None),
             State::Transfer => Err(self.misuse(Call::Release, g.state, RELEASE_STATE)),
@@ -1192,6 +1294,7 @@ where
         g.max_transfer = 0;
         g.immediate = false;
         g.single_transfer = self.enabler.require_single_transfer;
+        trace_record!(g.trace, Release);
         leftovers
     }
 
@@ -1203,14 +1306,20 @@ where
     /// # Errors
     /// [`Error::Misuse`] in Created or Released on a v3 enabler (84).
     pub fn cancel(&self) -> Result<bool> {
-        self.verified(self.cancel_inner())
+        let result = self.cancel_inner();
+        traced! {
+            if let Ok(cancelled) = result {
+                trace_event!("tx.cancel", tx = self.id, cancelled);
+            }
+        }
+        self.verified(result)
     }
 
     fn cancel_inner(&self) -> Result<bool> {
         if self.enabler.version == DmaVersion::V2 {
             return Ok(false);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if matches!(g.state, State::Created | State::Released | State::Deleted) {
             return Err(self.misuse(Call::Cancel, g.state, CANCEL_STATE));
         }
@@ -1287,7 +1396,7 @@ where
             .enabler
             .record(direction)
             .ok_or(Error::InvalidParameter)?;
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if g.reservation.is_some() {
             return Err(self.misuse(Call::AllocateResources, g.state, RESERVE_TWICE));
         }
@@ -1324,16 +1433,26 @@ where
         g.transferred = 0;
         g.max_transfer = 0;
         g.direction = direction;
-        g.state = State::Reserved;
+        g.set_state(State::Reserved);
         let outcome = match NonZeroU32::new(count).filter(|n| n.get() <= record.map_registers) {
             None => Err(Error::InsufficientResources),
-            Some(n) => record.adapter.allocate(
-                AllocationRequest {
-                    count: n,
-                    immediate: g.immediate,
-                },
-                &self.waiter,
-            ),
+            Some(n) => {
+                let answer = record.adapter.allocate(
+                    AllocationRequest {
+                        count: n,
+                        immediate: g.immediate,
+                    },
+                    &self.waiter,
+                );
+                trace_record!(
+                    g.trace,
+                    Allocate {
+                        registers: n.get(),
+                        outcome: trace::outcome(&answer)
+                    }
+                );
+                answer
+            }
         };
         match outcome {
             Ok(Allocation::Granted(registers)) => {
@@ -1360,7 +1479,7 @@ where
             Err(e) => {
                 // The description is gone (as in KMDF), but the buffer and the binding stay
                 // for release to hand back.
-                g.state = State::TransferFailed;
+                g.set_state(State::TransferFailed);
                 g.buffer = buffer;
                 g.request = request;
                 drop(g);
@@ -1387,7 +1506,7 @@ where
         if self.enabler.version != DmaVersion::V3 || self.kind == TransactionKind::ScatterGather {
             return Err(Error::InvalidDeviceRequest);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if matches!(g.state, State::Created | State::Transfer | State::Deleted) {
             return Err(self.misuse(Call::FreeResources, g.state, FREE_STATE));
         }
@@ -1445,7 +1564,7 @@ where
         if self.kind != TransactionKind::System {
             return Err(Error::InvalidDeviceRequest);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         g.stopped = true;
         let Some(record) = self.enabler.record(g.direction) else {
             return Ok(SystemStopOutcome::NotRunning);
@@ -1485,7 +1604,7 @@ where
         if self.kind != TransactionKind::System {
             return Err(Error::InvalidDeviceRequest);
         }
-        self.inner.lock().configure_channel = callback;
+        self.lock().configure_channel = callback;
         Ok(())
     }
 
@@ -1502,7 +1621,7 @@ where
         if self.kind != TransactionKind::System {
             return Err(Error::InvalidDeviceRequest);
         }
-        self.inner.lock().transfer_complete = callback;
+        self.lock().transfer_complete = callback;
         Ok(())
     }
 
@@ -1517,7 +1636,7 @@ where
         if self.kind != TransactionKind::System {
             return Err(Error::InvalidDeviceRequest);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if !matches!(g.state, State::Initialized | State::Transfer) {
             return Err(Error::InvalidDeviceRequest);
         }
@@ -1527,7 +1646,7 @@ where
 
     /// The device-address offset in use (0 unless set after initialize).
     pub fn device_address_offset(&self) -> u64 {
-        self.inner.lock().device_offset
+        self.lock().device_offset
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1535,7 +1654,7 @@ where
 
     /// The transaction's state.
     pub fn state(&self) -> State {
-        self.inner.lock().state
+        self.lock().state
     }
 
     /// The kind of transaction (from the enabler's profile).
@@ -1545,36 +1664,36 @@ where
 
     /// The direction of the current initialization.
     pub fn direction(&self) -> Direction {
-        self.inner.lock().direction
+        self.lock().direction
     }
 
     /// `WdfDmaTransactionGetBytesTransferred`: bytes reported done so far; kept after the
     /// transaction finishes, 0 after release (statements 42, 69, 77).
     pub fn bytes_transferred(&self) -> u64 {
-        self.inner.lock().transferred
+        self.lock().transferred
     }
 
     /// `WdfDmaTransactionGetCurrentDmaTransferLength`: the programmed transfer's length; 0 when
     /// none is programmed (69).
     pub fn current_transfer_length(&self) -> u64 {
-        self.inner.lock().current
+        self.lock().current
     }
 
     /// `WdfDmaTransactionGetRequest`: the request bound by
     /// [`Transaction::initialize_with_request`], until release; `None` after a plain initialize
     /// (statement 26).
     pub fn request(&self) -> Option<Arc<dyn RequestBinding>> {
-        self.inner.lock().request.clone()
+        self.lock().request.clone()
     }
 
     /// The total length of the current initialization.
     pub fn length(&self) -> u64 {
-        self.inner.lock().length
+        self.lock().length
     }
 
     /// The largest transfer this transaction will program (F).
     pub fn maximum_transfer_length(&self) -> u64 {
-        self.inner.lock().max_transfer
+        self.lock().max_transfer
     }
 
     /// `WdfDmaTransactionSetMaximumLength`: lower the largest transfer. Applies only if
@@ -1588,7 +1707,7 @@ where
         if length == 0 {
             return Err(Error::InvalidParameter);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if g.state != State::Initialized {
             return Err(Error::InvalidDeviceRequest);
         }
@@ -1614,7 +1733,7 @@ where
         if self.enabler.version != DmaVersion::V3 {
             return Err(Error::InvalidDeviceRequest);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if !matches!(g.state, State::Created | State::Reserved | State::Released) {
             return Err(Error::InvalidDeviceRequest);
         }
@@ -1624,7 +1743,7 @@ where
 
     /// Whether the transaction must complete in a single transfer.
     pub fn single_transfer_requirement(&self) -> bool {
-        self.inner.lock().single_transfer
+        self.lock().single_transfer
     }
 
     /// `WdfDmaTransactionSetImmediateExecution` (v3): execute gets its map registers at once
@@ -1637,7 +1756,7 @@ where
         if self.enabler.version != DmaVersion::V3 {
             return Err(Error::InvalidDeviceRequest);
         }
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if !matches!(
             g.state,
             State::Created | State::Reserved | State::Initialized | State::Released
@@ -1650,7 +1769,7 @@ where
 
     /// Whether immediate execution is on.
     pub fn immediate_execution(&self) -> bool {
-        self.inner.lock().immediate
+        self.lock().immediate
     }
 
     /// `WdfDmaTransactionGetTransferInfo`: registers and worst-case SG elements the whole
@@ -1660,7 +1779,7 @@ where
     /// [`Error::Misuse`] unless Initialized.
     pub fn transfer_info(&self) -> Result<TransferInfo> {
         let result = {
-            let g = self.inner.lock();
+            let g = self.lock();
             match (g.state, g.buffer.as_ref()) {
                 (State::Initialized, Some(buffer)) => {
                     let pages = split::pages_in_range(buffer, g.offset, g.length);
@@ -1743,7 +1862,7 @@ where
     /// now, or — while program-DMA for that transfer has not returned — when it does
     /// (statement 90). Without a callback the driver learns from its own device.
     fn system_transfer_done(&self, status: SystemDmaStatus) {
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if g.state != State::Transfer || !g.programmed || !g.mapped {
             return;
         }
@@ -1760,7 +1879,7 @@ where
     }
 
     fn granted(&self, registers: MapRegisters) {
-        let mut g = self.inner.lock();
+        let mut g = self.lock();
         if g.queued
             && let Some(reservation) = g.reservation.as_mut().filter(|r| r.registers.is_none())
         {
@@ -1806,11 +1925,11 @@ where
     /// returned; the state becomes Deleted.
     fn withdraw(&self) {
         // The enabler lets the queue move on after its children are deleted.
-        self.withdraw_queued(&mut self.inner.lock());
+        self.withdraw_queued(&mut self.lock());
     }
 
     fn delete_by_parent(&self) {
-        let g = self.inner.lock();
+        let g = self.lock();
         if g.state != State::Deleted {
             self.tear_down(g);
         }
@@ -1818,9 +1937,37 @@ where
 }
 
 impl<P: Platform, C, B> Transaction<P, C, B> {
+    /// The transaction's number, unique in the process for this transaction object: it stays
+    /// the same across release and reuse, and no other transaction created in the process has
+    /// it (on targets without 64-bit atomics, until 2³² transactions have been created). The
+    /// `tracing` events name the transaction by it (`docs/TRACING.md`).
+    ///
+    /// # Examples
+    /// ```
+    /// use dmatx::{DmaDevice, Enabler, EnablerConfig, Profile, Transaction};
+    /// use dmatx_sim::{SimBuffer, SimPlatform};
+    ///
+    /// let sim = SimPlatform::new();
+    /// let device = DmaDevice::new(sim.clone());
+    /// let enabler = Enabler::create(&device, EnablerConfig::new(Profile::Packet64, 4096))?;
+    /// let a = Transaction::<SimPlatform, (), SimBuffer>::create(&enabler)?;
+    /// let b = Transaction::<SimPlatform, (), SimBuffer>::create(&enabler)?;
+    /// assert_ne!(a.id(), b.id());
+    /// # Ok::<(), dmatx::Error>(())
+    /// ```
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Lock the transaction's state. Every lock goes through here, so that with the `tracing`
+    /// feature what is recorded under it is emitted once it is released.
+    fn lock(&self) -> TxGuard<'_, P, C, B> {
+        trace::lock(&self.inner, self.id)
+    }
+
     /// Finish the run: set the final state and take out the per-run resources.
     fn finish(&self, g: &mut Inner<P, C, B>, state: State) -> Leftovers<C> {
-        g.state = state;
+        g.set_state(state);
         g.current = 0;
         g.next = 0;
         g.ready = false;
@@ -1862,6 +2009,9 @@ impl<P: Platform, C, B> Transaction<P, C, B> {
 
     fn return_registers(&self, registers: MapRegisters, direction: Direction) {
         if let Some(record) = self.enabler.record(direction) {
+            // Before the call: `free` may grant queued requests, running other transactions'
+            // program-DMA on this thread.
+            trace_event!("hal.free", tx = self.id, registers = registers.count());
             record.adapter.free(registers);
         }
     }
@@ -1871,13 +2021,13 @@ impl<P: Platform, C, B> Transaction<P, C, B> {
     /// (the device may still use them); otherwise give everything back. A request still queued
     /// (a withdraw that lost a race with its grant) is not in flight: the grant finds the
     /// transaction Deleted and returns the registers.
-    fn tear_down(&self, mut g: MutexGuard<'_, Inner<P, C, B>>) {
+    fn tear_down(&self, mut g: TxGuard<'_, P, C, B>) {
         let in_flight = g.state == State::Transfer && (g.programmed || g.ready);
         if in_flight {
             // KMDF: fatal with the verifier. The leak shows in the platform's pool
             // (docs/quirks.md 31); `holds_packet_slot` and `request_held` stay set, so later v2
             // executes on the device get WdfBusy and the request cannot complete.
-            g.state = State::Deleted;
+            g.set_state(State::Deleted);
             core::mem::forget(g.buffer.take());
             let _never_freed = (g.registers.take(), g.reservation.take());
             return;
@@ -1905,7 +2055,7 @@ impl<P: Platform, C, B> Transaction<P, C, B> {
 
 impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
     fn drop(&mut self) {
-        let g = self.inner.lock();
+        let g = self.lock();
         if g.state != State::Deleted {
             self.tear_down(g);
         } else {
@@ -1919,7 +2069,7 @@ impl<P: Platform, C, B> Drop for Transaction<P, C, B> {
 
 impl<P: Platform, C, B> fmt::Debug for Transaction<P, C, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let g = self.inner.lock();
+        let g = self.lock();
         f.debug_struct("Transaction")
             .field("kind", &self.kind)
             .field("state", &g.state)

@@ -244,7 +244,18 @@ impl<X: Send + Sync + 'static> Interrupt<X> {
             return Ok(false);
         }
         bump(&core.counters.isrs);
-        let claimed = (self.shared.config.isr)(self, message_id);
+        // Under the interrupt lock, as the ISR; no other runtime lock is held here.
+        let span = trace_span!(
+            "interrupt.isr",
+            message = message_id,
+            claimed = ::tracing::field::Empty
+        );
+        let claimed = {
+            let _entered = span.enter();
+            let claimed = (self.shared.config.isr)(self, message_id);
+            span.record("claimed", claimed);
+            claimed
+        };
         if claimed {
             bump(&core.counters.claimed);
         }
@@ -381,7 +392,12 @@ fn dpc_worker<X: Send + Sync + 'static>(core: &Core, interrupt: &Weak<InterruptS
             && let Some(dpc) = shared.config.dpc
         {
             let handle = Interrupt { shared };
-            if catch_unwind(AssertUnwindSafe(|| dpc(&handle))).is_err() {
+            let span = trace_span!("interrupt.dpc");
+            let outcome = {
+                let _entered = span.enter();
+                catch_unwind(AssertUnwindSafe(|| dpc(&handle)))
+            };
+            if outcome.is_err() {
                 bump(&core.counters.dpc_panics);
             }
             bump(&core.counters.dpcs_run);

@@ -142,6 +142,10 @@
 //!   runtime") and on the items concerned.
 #![deny(unsafe_code)]
 
+// First: its macros are used by the modules below.
+#[macro_use]
+mod trace;
+
 mod device;
 pub mod dma;
 mod interrupt;

@@ -216,7 +216,8 @@ where
     /// [`Error::InvalidDeviceState`] after the device was deleted.
     pub fn submit(&self, spec: RequestSpec<M>) -> Result<RequestHandle<M>> {
         self.shared.device.check_alive()?;
-        let has_handler = match spec.kind {
+        let spec_kind = spec.kind;
+        let has_handler = match spec_kind {
             RequestKind::Read => self.shared.config.read.is_some(),
             RequestKind::Write => self.shared.config.write.is_some(),
             RequestKind::DeviceControl => self.shared.config.device_control.is_some(),
@@ -231,6 +232,16 @@ where
         let shared =
             RequestShared::new(id, spec, self.shared.device.verifier(), link, Phase::Queued);
         let handle = RequestHandle::new(Arc::clone(&shared));
+        // Before it is queued, so that its delivery (maybe on another thread) comes after. If
+        // the queue is found deleted below (the device was deleted meanwhile), the request ends
+        // here without a completion, as the error says.
+        trace_event!(
+            "request.submit",
+            request = id,
+            kind = crate::trace::kind_name(spec_kind),
+            length = handle.input().map_or(0, |m| m.total_length())
+                + handle.output().map_or(0, |m| m.total_length())
+        );
         if !has_handler {
             shared.complete_by_framework(Err(Error::InvalidDeviceRequest));
             return Ok(handle);
@@ -314,6 +325,7 @@ where
     }
 
     fn deliver(&self, queue: &Queue<X, M>, request: Request<M>) {
+        trace_event!("request.deliver", request = request.id());
         let c = &self.config;
         match request.kind() {
             RequestKind::Read => {
@@ -400,15 +412,17 @@ where
     }
 
     fn purge(&self) {
-        let outstanding = {
+        let (pending, outstanding) = {
             let mut st = lock(&self.state);
             st.deleted = true;
             st.powered = false;
-            for r in std::mem::take(&mut st.pending) {
-                r.shared.complete_by_framework(Err(Error::Cancelled));
-            }
-            st.outstanding.clone()
+            (std::mem::take(&mut st.pending), st.outstanding.clone())
         };
+        // Completed with the queue's lock released (completion emits an event). Out of the
+        // queue they are still `Queued`, so a cancel racing this waits for the completion.
+        for r in pending {
+            r.shared.complete_by_framework(Err(Error::Cancelled));
+        }
         for r in outstanding {
             let _ = r.shared.cancel();
         }

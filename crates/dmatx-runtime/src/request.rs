@@ -357,6 +357,13 @@ impl<M> RequestShared<M> {
             information: 0,
         });
         drop(st);
+        // Before the issuer is woken, as in `Request::complete`.
+        trace_event!(
+            "request.complete",
+            request = self.id,
+            status = ?crate::trace::Status(status),
+            information = 0u64
+        );
         self.done.notify_all();
         true
     }
@@ -560,6 +567,13 @@ impl<M: MemoryDescriptor + Sync> Request<M> {
             information,
         });
         drop(st);
+        // Before the issuer is woken: a waiting issuer may end the recording once it returns.
+        trace_event!(
+            "request.complete",
+            request = self.shared.id,
+            status = ?crate::trace::Status(status),
+            information
+        );
         self.shared.done.notify_all();
         Ok(())
     }

@@ -7,7 +7,8 @@
 //!
 //! Tiers:
 //!
-//! * `test`  — what CI runs (`.ci/run`): fmt, clippy, build, tests, loom smoke.
+//! * `test`  — what CI runs (`.ci/run`): fmt, clippy, build, tests, the `tracing` feature's
+//!   clippy and tests, loom smoke.
 //! * `loom`  — every loom model (`crates/*/tests/loom*.rs`) under `--cfg loom`.
 //! * `miri`  — the library unit tests under Miri (nightly toolchain).
 //! * `bench` — the criterion benchmarks of `dmatx`.
@@ -27,7 +28,9 @@ usage: cargo xtask <tier> [args]
 
 tiers:
   test                 what CI runs: fmt check, clippy -D warnings, build, cargo test
-                       (debug, verifier on), loom smoke (LOOM_MAX_PREEMPTIONS=2)
+                       (debug, verifier on), the tracing feature (clippy, its event tests
+                       and the zero-allocation test with it on), loom smoke
+                       (LOOM_MAX_PREEMPTIONS=2)
   loom [-- <filter>]   all loom models in crates/*/tests/loom*.rs, release, --cfg loom,
                        LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}, target dir target/loom
   miri                 Miri over the library unit tests and the core's transaction tests
@@ -84,8 +87,9 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------------
 
 /// `test`: the CI tier. fmt, clippy, build, `cargo test` in debug (so the verifier mode that
-/// rides on `debug_assertions` is on), then a loom smoke run if `crates/dmatx/tests/loom.rs`
-/// exists.
+/// rides on `debug_assertions` is on), the `tracing` feature of the core and the runtime
+/// (clippy; the tests that need it, and the zero-allocation test with it compiled in), then a
+/// loom smoke run if `crates/dmatx/tests/loom.rs` exists.
 fn tier_test() -> ExitCode {
     let root = repo_root();
     let mut run = Run::new("test");
@@ -110,6 +114,45 @@ fn tier_test() -> ExitCode {
         cargo(&root, &["build", "--workspace", "--all-targets"]),
     );
     run.step("test", cargo(&root, &["test", "--workspace"]));
+    // The `tracing` feature is off by default, so the steps above never compile its code.
+    run.step(
+        "clippy tracing",
+        cargo(
+            &root,
+            &[
+                "clippy",
+                "--all-targets",
+                "-p",
+                "dmatx",
+                "-p",
+                "dmatx-runtime",
+                "--features",
+                "tracing",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+    );
+    run.step(
+        "test tracing",
+        cargo(
+            &root,
+            &[
+                "test",
+                "-p",
+                "dmatx",
+                "-p",
+                "dmatx-runtime",
+                "--features",
+                "tracing",
+                "--test",
+                "tracing",
+                "--test",
+                "allocations",
+            ],
+        ),
+    );
 
     let loom_file = root.join("crates/dmatx/tests/loom.rs");
     if loom_file.is_file() {

@@ -7,11 +7,19 @@
 //! With it, the rule of `docs/DESIGN.md` ("How a transaction runs": no driver code under the
 //! transaction's lock) covers subscribers too, since a subscriber is user code. So what happens
 //! under the lock — state transitions, the platform's `allocate`, `map` and `flush`, and the
-//! calls accepted there — is *recorded* in the transaction's [`Log`], and the lock's [`Guard`]
-//! emits the records, in order, once the lock is released. Events at points where no lock is
-//! held (`hal.free`, `tx.cancel`) and the program-DMA span are emitted directly. Nothing
-//! allocates: the log is a fixed array inside the transaction, and with no subscriber listening
-//! at DEBUG level nothing is even recorded (one relaxed load of `tracing`'s global level).
+//! calls accepted there — is *recorded* in the transaction's [`Outbox`], and the lock's
+//! [`Guard`] emits the records, in order, once the lock is released. Events at points where no
+//! lock is held (`hal.free`, `tx.cancel`) and the program-DMA span are emitted directly.
+//!
+//! Nothing allocates: the outbox is a fixed array inside the transaction. With no subscriber
+//! listening at DEBUG level nothing is recorded and no span is made; what remains is a relaxed
+//! load of `tracing`'s global level per event point and one of the outbox's "pending" flag
+//! per release of the lock (the guard is the lock's guard plus two words, with no `Option` to
+//! check on every use). `docs/PERFORMANCE.md` ("Tracing cost") has the measured price.
+//!
+//! The outbox is shared by the threads that take the lock in turn: a thread that releases the
+//! lock emits whatever is pending, so in a race one thread may emit, in order, records another
+//! thread made just before (the record is right; the thread it is reported on is not).
 
 #[cfg(feature = "tracing")]
 pub(crate) use on::*;
@@ -37,14 +45,13 @@ macro_rules! trace_event {
 }
 
 /// Record an event under the transaction's lock, for the guard to emit once the lock is
-/// released: `trace_record!(g.trace, Flush { bytes })` (a variant of [`Deferred`]).
+/// released: `trace_record!(self.trace, Flush { bytes })` (an [`Outbox`] and a variant of
+/// [`Deferred`]).
 #[cfg(feature = "tracing")]
 macro_rules! trace_record {
-    ($log:expr, $($event:tt)+) => {
+    ($outbox:expr, $($event:tt)+) => {
         if $crate::trace::listening() {
-            // Built first: `$log` may borrow the guard mutably.
-            let event = $crate::trace::Deferred::$($event)+;
-            $log.push(event);
+            $outbox.push($crate::trace::Deferred::$($event)+);
         }
     };
 }
@@ -56,13 +63,16 @@ macro_rules! trace_record {
 }
 
 /// Enter a core span for the rest of the enclosing block:
-/// `trace_enter!(_span, "tx.program_dma", tx = id, …)` binds the entered span to `_span`.
+/// `trace_enter!(_span, "tx.program_dma", tx = id, …)` binds the entered span (`None` when
+/// nobody listens) to `_span`.
 #[cfg(feature = "tracing")]
 macro_rules! trace_enter {
     ($guard:ident, $name:literal, $($fields:tt)+) => {
-        let $guard =
+        // The level check first, so that nobody listening costs no span at all.
+        let $guard = $crate::trace::listening().then(|| {
             ::tracing::span!(target: "dmatx", ::tracing::Level::DEBUG, $name, $($fields)+)
-                .entered();
+                .entered()
+        });
     };
 }
 
@@ -91,31 +101,27 @@ macro_rules! traced {
 #[cfg(not(feature = "tracing"))]
 pub(crate) type Guard<'a, T> = crate::sync::MutexGuard<'a, T>;
 
-/// Lock the transaction's state (`tx`, its id, names it in the events recorded meanwhile).
-#[cfg(not(feature = "tracing"))]
-#[inline(always)]
-pub(crate) fn lock<T>(mutex: &crate::sync::Mutex<T>, _tx: u64) -> Guard<'_, T> {
-    mutex.lock()
-}
-
 #[cfg(feature = "tracing")]
 mod on {
     use crate::sync::{Mutex, MutexGuard};
     use core::fmt;
     use core::ops::{Deref, DerefMut};
+    use core::sync::atomic::{AtomicBool, Ordering};
     use dmatx_hal::Allocation;
     use dmatx_types::{Direction, Result, State};
+    use spin::mutex::SpinMutex;
     use tracing::Level;
     use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
 
-    /// Records one lock hold can make. The most one makes is five (an execute that allocates,
-    /// maps and stages: `tx.execute`, `tx.state`, `hal.allocate`, `hal.map`, or a failure's
-    /// second `tx.state`); the rest is margin.
-    const CAPACITY: usize = 8;
+    /// Records the outbox holds. One hold of the lock makes at most five (an execute that
+    /// allocates, maps and stages: `tx.execute`, `tx.state`, `hal.allocate`, `hal.map`, or a
+    /// failure's second `tx.state`); the rest is for holds by other threads before the first
+    /// one's release emits. A record that finds the outbox full is dropped.
+    const CAPACITY: usize = 16;
 
     /// Whether anyone listens at DEBUG level: one relaxed atomic load, false until a
     /// subscriber that wants DEBUG events is installed.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn listening() -> bool {
         Level::DEBUG <= STATIC_MAX_LEVEL && Level::DEBUG <= LevelFilter::current()
     }
@@ -213,127 +219,123 @@ mod on {
         }
     }
 
-    /// The events recorded under a transaction's lock, and the per-use transfer count. Lives
-    /// in the locked state.
-    pub(crate) struct Log {
-        events: [Option<Deferred>; CAPACITY],
-        len: usize,
-        /// Transfers handed to program-DMA since the last initialize.
-        transfers: u64,
+    /// Events recorded under a transaction's lock and not emitted yet. Lives beside the lock,
+    /// in the transaction, with its own small lock (taken only while someone listens, and only
+    /// after the transaction's, never the other way round).
+    pub(crate) struct Outbox {
+        /// Whether `log` may hold events: set and cleared under `log`'s lock, read without it.
+        pending: AtomicBool,
+        log: SpinMutex<Log>,
     }
 
-    impl Default for Log {
+    impl Default for Outbox {
         fn default() -> Self {
             Self {
-                events: [None; CAPACITY],
-                len: 0,
-                transfers: 0,
+                pending: AtomicBool::new(false),
+                log: SpinMutex::new(Log {
+                    events: [None; CAPACITY],
+                    len: 0,
+                }),
             }
         }
     }
 
-    impl Log {
-        /// Record `event` (see `trace_record!`).
-        pub(crate) fn push(&mut self, event: Deferred) {
+    impl Outbox {
+        /// Record `event` (see `trace_record!`). Only called while someone listens, so kept
+        /// out of the hot paths' code.
+        #[cold]
+        #[inline(never)]
+        pub(crate) fn push(&self, event: Deferred) {
             if let Deferred::State { from, to } = event
                 && from == to
             {
                 return;
             }
-            debug_assert!(self.len < CAPACITY, "trace log full: raise CAPACITY");
-            if let Some(slot) = self.events.get_mut(self.len) {
+            let mut guard = self.log.lock();
+            let log = &mut *guard;
+            if let Some(slot) = log.events.get_mut(log.len) {
                 *slot = Some(event);
-                self.len += 1;
+                log.len += 1;
+            }
+            // ORDERING: the thread that recorded releases the transaction's lock next and
+            // reads the flag in program order after this store; a thread that reads a stale
+            // value either finds the log empty or leaves it to the recording thread.
+            self.pending.store(true, Ordering::Relaxed);
+        }
+
+        /// Emit what is pending. Call with the transaction's lock released.
+        #[inline]
+        fn flush(&self, tx: u64) {
+            // ORDERING: see `push`.
+            if self.pending.load(Ordering::Relaxed) {
+                self.drain(tx);
             }
         }
 
-        /// A new use of the transaction begins (initialize): transfers count from 0 again.
-        pub(crate) fn new_use(&mut self) {
-            self.transfers = 0;
-        }
-
-        /// The number of the transfer about to be programmed (0-based in this use).
-        pub(crate) fn next_transfer(&mut self) -> u64 {
-            let n = self.transfers;
-            self.transfers += 1;
-            n
-        }
-
-        fn take(&mut self) -> Events {
-            let events = Events {
-                events: core::mem::replace(&mut self.events, [None; CAPACITY]),
-                len: self.len,
+        #[cold]
+        #[inline(never)]
+        fn drain(&self, tx: u64) {
+            let (events, len) = {
+                let mut log = self.log.lock();
+                // ORDERING: see `push`.
+                self.pending.store(false, Ordering::Relaxed);
+                let len = core::mem::take(&mut log.len);
+                (core::mem::replace(&mut log.events, [None; CAPACITY]), len)
             };
-            self.len = 0;
-            events
+            for event in events.into_iter().take(len).flatten() {
+                event.emit(tx);
+            }
         }
     }
 
-    /// Recorded events taken out of the locked state.
-    struct Events {
+    /// The records themselves.
+    struct Log {
         events: [Option<Deferred>; CAPACITY],
         len: usize,
     }
 
-    /// Locked state that carries a [`Log`].
-    pub(crate) trait Traced {
-        /// The log.
-        fn log(&mut self) -> &mut Log;
-    }
-
     /// The transaction's lock held. Dropping it releases the lock and then emits what was
-    /// recorded meanwhile.
-    pub(crate) struct Guard<'a, T: Traced> {
-        // Fields drop in declaration order: the lock is released before `pending` emits.
+    /// recorded meanwhile (its fields drop in declaration order).
+    pub(crate) struct Guard<'a, T> {
         guard: MutexGuard<'a, T>,
-        pending: Pending,
+        _flush: Flush<'a>,
     }
 
-    /// Lock the transaction's state; `tx`, its id, names it in the events recorded meanwhile.
+    /// Lock `mutex`, the state of the transaction with id `tx` and outbox `outbox`.
     #[inline]
-    pub(crate) fn lock<T: Traced>(mutex: &Mutex<T>, tx: u64) -> Guard<'_, T> {
+    pub(crate) fn lock<'a, T>(mutex: &'a Mutex<T>, outbox: &'a Outbox, tx: u64) -> Guard<'a, T> {
         Guard {
             guard: mutex.lock(),
-            pending: Pending { tx, events: None },
+            _flush: Flush { outbox, tx },
         }
     }
 
-    impl<T: Traced> Drop for Guard<'_, T> {
-        fn drop(&mut self) {
-            let log = self.guard.log();
-            if log.len > 0 {
-                self.pending.events = Some(log.take());
-            }
-        }
-    }
-
-    impl<T: Traced> Deref for Guard<'_, T> {
+    impl<T> Deref for Guard<'_, T> {
         type Target = T;
 
+        #[inline]
         fn deref(&self) -> &T {
             &self.guard
         }
     }
 
-    impl<T: Traced> DerefMut for Guard<'_, T> {
+    impl<T> DerefMut for Guard<'_, T> {
+        #[inline]
         fn deref_mut(&mut self) -> &mut T {
             &mut self.guard
         }
     }
 
-    /// Events to emit once the lock is released.
-    struct Pending {
+    /// Emits the outbox when dropped (after the guard beside it).
+    struct Flush<'a> {
+        outbox: &'a Outbox,
         tx: u64,
-        events: Option<Events>,
     }
 
-    impl Drop for Pending {
+    impl Drop for Flush<'_> {
+        #[inline]
         fn drop(&mut self) {
-            if let Some(events) = self.events.take() {
-                for event in events.events.into_iter().take(events.len).flatten() {
-                    event.emit(self.tx);
-                }
-            }
+            self.outbox.flush(self.tx);
         }
     }
 }

@@ -217,7 +217,7 @@ impl<P: Platform, C, B> Drop for StagerGuard<'_, P, C, B> {
         if g.ready {
             // Its registers stay in the transaction; release returns them.
             g.ready = false;
-            g.set_state(State::TransferFailed);
+            self.transaction.set_state(&mut g, State::TransferFailed);
         }
     }
 }
@@ -278,30 +278,10 @@ struct Inner<P: Platform, C, B> {
     deferred_done: Option<SystemDmaStatus>,
     /// The reserve callback and its context, until it is called.
     reserve_callback: Option<(ReserveDma<P, C, B>, C)>,
-    /// Events recorded under the lock, emitted when it is released (`crate::trace`).
+    /// Transfers handed to program-DMA since the last initialize (the `tx.program_dma` span's
+    /// `transfer`).
     #[cfg(feature = "tracing")]
-    trace: trace::Log,
-}
-
-impl<P: Platform, C, B> Inner<P, C, B> {
-    /// The one place the state changes (recorded for the `tx.state` event).
-    fn set_state(&mut self, to: State) {
-        trace_record!(
-            self.trace,
-            State {
-                from: self.state,
-                to
-            }
-        );
-        self.state = to;
-    }
-}
-
-#[cfg(feature = "tracing")]
-impl<P: Platform, C, B> trace::Traced for Inner<P, C, B> {
-    fn log(&mut self) -> &mut trace::Log {
-        &mut self.trace
-    }
+    transfers: u64,
 }
 
 /// The transaction's lock held (with the `tracing` feature, a guard that emits the events
@@ -391,6 +371,9 @@ pub struct Transaction<P: Platform, C, B> {
     /// SG storage of the transfer being staged, preallocated at creation. Locked only by the
     /// stager, while it maps and while program-DMA reads the list.
     staging_area: Mutex<Vec<SgElement>>,
+    /// Events recorded under `inner`'s lock, emitted once it is released (`crate::trace`).
+    #[cfg(feature = "tracing")]
+    trace: trace::Outbox,
 }
 
 impl<P, C, B> Transaction<P, C, B>
@@ -475,9 +458,11 @@ where
                 transfer_complete: None,
                 deferred_done: None,
                 #[cfg(feature = "tracing")]
-                trace: trace::Log::default(),
+                transfers: 0,
             }),
             staging_area: Mutex::new(area),
+            #[cfg(feature = "tracing")]
+            trace: trace::Outbox::default(),
         });
         let child: Weak<dyn Child> = Arc::downgrade(&transaction) as Weak<dyn Child>;
         shared.adopt(child)?;
@@ -656,11 +641,11 @@ where
             self.dispose(leftovers);
             return refuse(error, buffer);
         }
-        trace_record!(g.trace, Initialize { direction, length });
+        trace_record!(self.trace, Initialize { direction, length });
         traced! {
-            g.trace.new_use();
+            g.transfers = 0;
         }
-        g.set_state(State::Initialized);
+        self.set_state(&mut g, State::Initialized);
         g.direction = direction;
         g.buffer = Some(buffer);
         g.program_dma = Some(program_dma);
@@ -715,15 +700,15 @@ where
             // transactions are returning to the pool.
             return Err(Error::InvalidDeviceState);
         }
-        trace_record!(g.trace, Execute);
+        trace_record!(self.trace, Execute);
         if self.kind == TransactionKind::Packet && self.enabler.version == DmaVersion::V2 {
             if !self.enabler.device.try_take_packet_slot() {
-                g.set_state(State::TransferFailed);
+                self.set_state(&mut g, State::TransferFailed);
                 return Err(Error::WdfBusy);
             }
             g.holds_packet_slot = true;
         }
-        g.set_state(State::Transfer);
+        self.set_state(&mut g, State::Transfer);
         g.context = Some(context);
         if let Some(request) = &g.request {
             request.set_dma_active(true);
@@ -826,7 +811,7 @@ where
         };
         let answer = record.adapter.allocate(request, &self.waiter);
         trace_record!(
-            g.trace,
+            self.trace,
             Allocate {
                 registers: count.get(),
                 outcome: trace::outcome(&answer)
@@ -901,7 +886,7 @@ where
                     g.reported = false;
                     let elements = m.elements.min(out.len());
                     trace_record!(
-                        g.trace,
+                        self.trace,
                         Map {
                             bytes: g.current,
                             elements
@@ -922,7 +907,8 @@ where
             };
             let direction = g.direction;
             traced! {
-                let transfer = g.trace.next_transfer();
+                let transfer = g.transfers;
+                g.transfers += 1;
                 let (offset, length) = (g.transferred, g.current);
             }
             drop(g);
@@ -1135,7 +1121,7 @@ where
         // Per-transfer teardown. KMDF skips it when the length is invalid; dmatx always ends
         // the mapping so no register or mapping is lost (docs/quirks.md).
         let flushed = if g.mapped {
-            trace_record!(g.trace, Flush { bytes: current });
+            trace_record!(self.trace, Flush { bytes: current });
             self.flush_current(&g)
         } else {
             Ok(())
@@ -1167,7 +1153,7 @@ where
                 State::TransferFailed
             };
             trace_record!(
-                g.trace,
+                self.trace,
                 Completed {
                     length: bytes,
                     finished: true,
@@ -1201,7 +1187,7 @@ where
             }
         };
         trace_record!(
-            g.trace,
+            self.trace,
             Completed {
                 length: bytes,
                 finished: prepared.is_err(),
@@ -1294,7 +1280,7 @@ where
         g.max_transfer = 0;
         g.immediate = false;
         g.single_transfer = self.enabler.require_single_transfer;
-        trace_record!(g.trace, Release);
+        trace_record!(self.trace, Release);
         leftovers
     }
 
@@ -1433,7 +1419,7 @@ where
         g.transferred = 0;
         g.max_transfer = 0;
         g.direction = direction;
-        g.set_state(State::Reserved);
+        self.set_state(&mut g, State::Reserved);
         let outcome = match NonZeroU32::new(count).filter(|n| n.get() <= record.map_registers) {
             None => Err(Error::InsufficientResources),
             Some(n) => {
@@ -1445,7 +1431,7 @@ where
                     &self.waiter,
                 );
                 trace_record!(
-                    g.trace,
+                    self.trace,
                     Allocate {
                         registers: n.get(),
                         outcome: trace::outcome(&answer)
@@ -1479,7 +1465,7 @@ where
             Err(e) => {
                 // The description is gone (as in KMDF), but the buffer and the binding stay
                 // for release to hand back.
-                g.set_state(State::TransferFailed);
+                self.set_state(&mut g, State::TransferFailed);
                 g.buffer = buffer;
                 g.request = request;
                 drop(g);
@@ -1961,13 +1947,26 @@ impl<P: Platform, C, B> Transaction<P, C, B> {
 
     /// Lock the transaction's state. Every lock goes through here, so that with the `tracing`
     /// feature what is recorded under it is emitted once it is released.
+    #[cfg(feature = "tracing")]
     fn lock(&self) -> TxGuard<'_, P, C, B> {
-        trace::lock(&self.inner, self.id)
+        trace::lock(&self.inner, &self.trace, self.id)
+    }
+
+    /// Lock the transaction's state.
+    #[cfg(not(feature = "tracing"))]
+    fn lock(&self) -> TxGuard<'_, P, C, B> {
+        self.inner.lock()
+    }
+
+    /// The one place the state changes (recorded for the `tx.state` event).
+    fn set_state(&self, g: &mut Inner<P, C, B>, to: State) {
+        trace_record!(self.trace, State { from: g.state, to });
+        g.state = to;
     }
 
     /// Finish the run: set the final state and take out the per-run resources.
     fn finish(&self, g: &mut Inner<P, C, B>, state: State) -> Leftovers<C> {
-        g.set_state(state);
+        self.set_state(g, state);
         g.current = 0;
         g.next = 0;
         g.ready = false;
@@ -2027,7 +2026,7 @@ impl<P: Platform, C, B> Transaction<P, C, B> {
             // KMDF: fatal with the verifier. The leak shows in the platform's pool
             // (docs/quirks.md 31); `holds_packet_slot` and `request_held` stay set, so later v2
             // executes on the device get WdfBusy and the request cannot complete.
-            g.set_state(State::Deleted);
+            self.set_state(&mut g, State::Deleted);
             core::mem::forget(g.buffer.take());
             let _never_freed = (g.registers.take(), g.reservation.take());
             return;

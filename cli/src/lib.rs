@@ -6,6 +6,8 @@
 //! * [`render`]: `dmatx trace render`, the trace parser and validator and the SVG timeline;
 //! * [`bench`](mod@bench): `dmatx bench`, throughput against transaction size on the simulated
 //!   machine;
+//! * [`demo`](mod@demo): `dmatx demo`, the PLX9x5x driver on the simulated board;
+//! * [`scenario`](mod@scenario): `dmatx scenario`, the sample scenarios P1–P19;
 //! * [`plot`]: SVG line plots of named series;
 //! * [`output`]: files written atomically, checked for writability before a long run.
 //!
@@ -23,7 +25,9 @@
 //! ```
 
 pub mod bench;
+pub mod demo;
 pub mod output;
 pub mod plot;
 pub mod render;
+pub mod scenario;
 pub mod trace;

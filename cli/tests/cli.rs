@@ -199,6 +199,8 @@ fn every_command_and_option_has_help() {
         &["--help"][..],
         &["trace", "render", "--help"],
         &["bench", "--help"],
+        &["demo", "--help"],
+        &["scenario", "--help"],
     ] {
         let out = dmatx(args);
         assert!(out.status.success());
@@ -210,5 +212,10 @@ fn every_command_and_option_has_help() {
         }
     }
     let help = String::from_utf8_lossy(&dmatx(&["--help"]).stdout).into_owned();
-    assert!(help.contains("trace") && help.contains("bench") && help.contains("demo"));
+    assert!(
+        help.contains("trace")
+            && help.contains("bench")
+            && help.contains("demo")
+            && help.contains("scenario")
+    );
 }

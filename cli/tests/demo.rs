@@ -183,3 +183,90 @@ fn scenario_all_gives_a_verdict_per_scenario_and_a_total() {
         "{text}"
     );
 }
+
+/// A scratch directory for one test's files.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dmatx-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
+}
+
+#[test]
+fn demo_trace_is_valid_trace_event_json_with_every_lane_and_renders() {
+    let dir = scratch("trace");
+    let json = dir.join("demo.json");
+    let svg = dir.join("demo.svg");
+    let out = dmatx(&[
+        "demo",
+        "--quiet",
+        "--count",
+        "5",
+        "--max-size",
+        "20000",
+        "--trace",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&json).expect("the trace was written");
+    let trace: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let events = trace["traceEvents"]
+        .as_array()
+        .expect("a traceEvents array");
+    let has = |ph: &str, field: &str, value: &str| {
+        events
+            .iter()
+            .any(|e| e["ph"] == ph && e[field].as_str() == Some(value))
+    };
+    // Requests, transaction uses, transfers and device chains as async slices.
+    for cat in ["request", "transaction", "transfer", "device"] {
+        assert!(has("b", "cat", cat), "no {cat} slice");
+        assert!(has("e", "cat", cat), "no end of a {cat} slice");
+    }
+    // Program-DMA calls, ISRs and DPCs as complete slices on their threads.
+    for name in ["program_dma", "isr", "dpc"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["ph"] == "X" && e["name"].as_str().is_some_and(|n| n.contains(name))),
+            "no {name} span"
+        );
+    }
+    // Every begin has its end.
+    let begins = events.iter().filter(|e| e["ph"] == "b").count();
+    let ends = events.iter().filter(|e| e["ph"] == "e").count();
+    assert_eq!(begins, ends);
+    // 5 round trips: 10 requests.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["ph"] == "b" && e["cat"] == "request")
+            .count(),
+        10
+    );
+    let out = dmatx(&[
+        "trace",
+        "render",
+        json.to_str().unwrap(),
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let drawing = std::fs::read_to_string(&svg).expect("the SVG was written");
+    assert!(drawing.starts_with("<svg") || drawing.starts_with("<?xml"));
+    assert!(drawing.trim_end().ends_with("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unwritable_trace_path_fails_before_the_run_and_leaves_nothing() {
+    let dir = scratch("unwritable");
+    let target = dir.join("missing").join("t.json");
+    let out = dmatx(&["demo", "--quiet", "--trace", target.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("cannot write"), "{err}");
+    assert!(stdout(&out).is_empty(), "nothing ran: {}", stdout(&out));
+    assert!(!dir.join("missing").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,7 @@
 //! Tracing: the runtime's events of `docs/TRACING.md` (its second table), through the
 //! `tracing` crate, with the `tracing` feature (which turns on the core's too).
 //!
-//! Without the feature the macros expand to nothing (a span is [`NoSpan`], which does
+//! Without the feature the macros expand to nothing (a span is `NoSpan`, which does
 //! nothing), so nothing is compiled in. With it, events are emitted with no runtime lock held
 //! (a subscriber is user code, and driver code runs outside runtime locks), except the
 //! `interrupt.isr` span, which lives under the interrupt lock as the ISR itself does.

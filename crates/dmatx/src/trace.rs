@@ -7,7 +7,7 @@
 //! With it, the rule of `docs/DESIGN.md` ("How a transaction runs": no driver code under the
 //! transaction's lock) covers subscribers too, since a subscriber is user code. So what happens
 //! under the lock — state transitions, the platform's `allocate`, `map` and `flush`, and the
-//! calls accepted there — is *recorded* in the transaction's [`Outbox`], and the lock's
+//! calls accepted there — is *recorded* in the transaction's `Outbox`, and the lock's
 //! [`Guard`] emits the records, in order, once the lock is released. Events at points where no
 //! lock is held (`hal.free`, `tx.cancel`) and the program-DMA span are emitted directly.
 //!
@@ -45,8 +45,8 @@ macro_rules! trace_event {
 }
 
 /// Record an event under the transaction's lock, for the guard to emit once the lock is
-/// released: `trace_record!(self.trace, Flush { bytes })` (an [`Outbox`] and a variant of
-/// [`Deferred`]).
+/// released: `trace_record!(self.trace, Flush { bytes })` (an `Outbox` and a variant of
+/// `Deferred`).
 #[cfg(feature = "tracing")]
 macro_rules! trace_record {
     ($outbox:expr, $($event:tt)+) => {

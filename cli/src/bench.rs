@@ -9,8 +9,18 @@
 //! wall time). Unlike the criterion benchmarks (`cargo xtask bench`), which compare dmatx with
 //! hand-written baselines, this shows how throughput grows with size and what bouncing costs.
 //!
-//! A series is a [`SeriesSpec`]: a name and a constructor of a [`Workload`] for one size.
-//! To add one (the PLX9x5x driver, say), add an entry to [`SERIES`].
+//! The `plx` series runs whole round trips through the PLX9x5x sample driver (`dmatx_plx`)
+//! on its simulated PCI9656 instead: an application's write of the size, then the read-back of
+//! the same length, each a request through the driver's queue, its transaction in 8 KiB
+//! transfers, and for each transfer the chip's interrupt handed to the interrupt thread and
+//! the DPC worker. Its throughput counts the bytes moved both ways (2 × size per round trip),
+//! and its buffers are allocated per round trip: a request takes its buffer by value and the
+//! [`RequestHandle`] only lends it back (`input()` / `output()` are `&SimBuffer`), so a buffer
+//! cannot be submitted twice. Requests are at most 128 KiB (the board's SRAM), so larger sizes
+//! are not applicable to it: the table shows "—" and the plot leaves the point out.
+//!
+//! A series is a [`SeriesSpec`]: a name, the largest size it applies to, and a constructor of
+//! a [`Workload`] for one size. To add one, add an entry to [`SERIES`].
 
 use crate::output::AtomicOutput;
 use crate::plot::{LinePlot, XAxis, format_bytes};
@@ -19,9 +29,12 @@ use dmatx::{
     Completion, Direction, DmaDevice, DmaVersion, Enabler, EnablerConfig, PhysAddr, Profile,
     SgElement, Transaction,
 };
+use dmatx_plx::hw::SRAM_SIZE;
+use dmatx_plx::sim::{BoardConfig, SimBoard};
+use dmatx_runtime::RequestHandle;
 use dmatx_sim::{
-    AdapterMode, CompletionMode, DeviceCompletion, DeviceConfig, Placement, SimBuffer, SimConfig,
-    SimDmaDevice, SimPlatform,
+    AdapterMode, CompletionMode, DEFAULT_MEMORY_BASE, DeviceCompletion, DeviceConfig, MemoryRegion,
+    Placement, SimBuffer, SimConfig, SimDmaDevice, SimPlatform,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::VecDeque;
@@ -49,8 +62,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "LIST")]
     pub sizes: Option<String>,
     /// Series to run, comma-separated: sg (scatter/gather, direct mapping), bounce (32-bit
-    /// scatter/gather over high memory, bounce buffers), packet (packet DMA, direct) [default:
-    /// all].
+    /// scatter/gather over high memory, bounce buffers), packet (packet DMA, direct), plx (the
+    /// PLX9x5x driver, write + read-back round trips, sizes up to 128 KiB) [default: all].
     #[arg(long, value_name = "LIST")]
     pub series: Option<String>,
     /// Measuring time per point in milliseconds, split over the rounds [default: 150; with
@@ -71,9 +84,9 @@ pub struct BenchArgs {
     pub plot: Option<PathBuf>,
 }
 
-/// One complete transaction of a fixed size, run again and again.
+/// One complete transaction of a fixed size (or one round trip), run again and again.
 pub trait Workload {
-    /// Runs one complete transaction (initialize to release).
+    /// Runs one complete transaction (initialize to release), or one round trip of requests.
     ///
     /// # Errors
     /// A message if any step fails.
@@ -84,6 +97,21 @@ pub trait Workload {
     /// # Errors
     /// A message if it did not.
     fn verify(&mut self) -> Result<(), String>;
+
+    /// Bytes one run of a `size`-byte workload moves, which its throughput counts: by default
+    /// `size` (one transaction in one direction).
+    fn bytes_per_run(&self, size: u64) -> u64 {
+        size
+    }
+
+    /// Tears the workload down once measuring is over, checking that what it ran on was left
+    /// clean (nothing to do by default).
+    ///
+    /// # Errors
+    /// What was found, as a message.
+    fn finish(self: Box<Self>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A benchmark series.
@@ -93,8 +121,21 @@ pub struct SeriesSpec {
     pub key: &'static str,
     /// Name in the table and the plot's legend.
     pub label: &'static str,
-    /// Builds the workload for transactions of `size` bytes.
+    /// What one run is and what its throughput counts, printed before the table and under the
+    /// plot.
+    pub about: &'static str,
+    /// Largest size the series applies to; larger sizes are skipped ("—" in the table, no
+    /// point in the plot).
+    pub max_size: u64,
+    /// Builds the workload for transactions of `size` bytes (at most `max_size`).
     pub setup: fn(size: u64) -> Result<Box<dyn Workload>, String>,
+}
+
+impl SeriesSpec {
+    /// Whether the series has a point at `size`.
+    pub fn applies_to(&self, size: u64) -> bool {
+        size <= self.max_size
+    }
 }
 
 /// The series `dmatx bench` knows, in table order.
@@ -102,17 +143,38 @@ pub const SERIES: &[SeriesSpec] = &[
     SeriesSpec {
         key: "sg",
         label: "scatter/gather, direct",
+        about: "write-to-device transactions, 64-bit scatter/gather over scattered pages, \
+                direct mapping",
+        max_size: MAX_SIZE,
         setup: |size| SimWorkload::new(size, Kind::ScatterGather).map(boxed),
     },
     SeriesSpec {
         key: "bounce",
         label: "scatter/gather, bounce buffers",
+        about: "write-to-device transactions, 32-bit scatter/gather over buffers above 4 GiB, \
+                every byte through bounce pages",
+        max_size: MAX_SIZE,
         setup: |size| SimWorkload::new(size, Kind::Bounce).map(boxed),
     },
     SeriesSpec {
         key: "packet",
         label: "packet, direct",
+        about: "write-to-device transactions, 64-bit packet DMA over a contiguous buffer",
+        max_size: MAX_SIZE,
         setup: |size| SimWorkload::new(size, Kind::Packet).map(boxed),
+    },
+    SeriesSpec {
+        key: "plx",
+        label: "PLX9x5x driver, write + read-back",
+        about: "round trips through the PLX9x5x driver on the simulated PCI9656 (immediate \
+                engine, 1 MiB machine): a write request of the size, then a read request of \
+                the same length, in 8 KiB transfers, each completed through the interrupt \
+                thread and the DPC worker; MB/s counts the bytes moved both ways (2 × size), \
+                µs/tx is per round trip; both buffers are allocated, and the write's filled, \
+                per round trip (a request keeps its buffer); not applicable above 128 KiB (the \
+                board's SRAM)",
+        max_size: SRAM_SIZE,
+        setup: |size| PlxWorkload::new(size).map(|w| Box::new(w) as Box<dyn Workload>),
     },
 ];
 
@@ -286,6 +348,185 @@ impl Workload for SimWorkload {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The PLX9x5x driver on its simulated board.
+
+/// How long one PLX request may take before the run is called broken.
+const PLX_REQUEST_TIMEOUT: Duration = dmatx_plx::scenarios::REQUEST_TIMEOUT;
+
+/// Memory of the PLX board's machine: room for a round trip's two 128 KiB buffers several times
+/// over. The default 64 MiB would put the simulated allocator's cost in every round trip: its
+/// scattered placement considers every free frame, about 25 µs per buffer on 16 384 frames
+/// against under 1 µs on 256 (measured on the machine of `docs/PERFORMANCE.md`).
+const PLX_MEMORY: u64 = 1 << 20;
+
+/// Round trips through the PLX9x5x driver: a write of `data`, then a read of as many bytes.
+///
+/// The driver maps every request onto SRAM[0, len), so each read-back must equal the write
+/// before it. Round trips run one at a time, as the demo's do (the sample's queues are
+/// sequential, and a read racing a write would read a changing SRAM).
+///
+/// Buffers cannot be reused: [`SimPlx::write`](dmatx_plx::driver::Plx::write) takes its buffer
+/// by value and the request's handle only lends it back ([`RequestHandle::input`] is a
+/// reference), so each round trip allocates a write buffer (filled with `data`) and a read
+/// buffer, as an application's `WriteFile` / `ReadFile` pair with fresh buffers would. The
+/// machine is small ([`PLX_MEMORY`]) so that allocating costs little next to the round trip.
+struct PlxWorkload {
+    /// `None` once shut down.
+    board: Option<SimBoard>,
+    data: Vec<u8>,
+    size: u64,
+    /// The last round trip's read, kept for `verify` (its buffer holds the read-back); dropped,
+    /// and its buffer freed, when the next round trip starts.
+    last_read: Option<RequestHandle<SimBuffer>>,
+    /// A request never completed: the board cannot be removed (the sample waits for requests
+    /// in flight), so it is dropped without shutting down.
+    stuck: bool,
+}
+
+impl PlxWorkload {
+    fn new(size: u64) -> Result<Self, String> {
+        if !(1..=SRAM_SIZE).contains(&size) {
+            return Err(format!(
+                "the PLX board takes requests of 1 to {SRAM_SIZE} bytes, not {size}"
+            ));
+        }
+        let mut config = BoardConfig::default();
+        config.sim.regions = vec![MemoryRegion::new(
+            PhysAddr::new(DEFAULT_MEMORY_BASE),
+            PLX_MEMORY,
+        )];
+        let board =
+            SimBoard::new(config).map_err(|e| format!("cannot build the simulated board: {e}"))?;
+        let data: Vec<u8> = (0..size)
+            .map(|i| (i as u8).wrapping_mul(31) ^ ((i >> 8) as u8) ^ 0xA5)
+            .collect();
+        Ok(Self {
+            board: Some(board),
+            data,
+            size,
+            last_read: None,
+            stuck: false,
+        })
+    }
+
+    /// Shuts the board down once, if it can be: settled, removed and checked clean.
+    fn shut_down(&mut self) -> Result<(), String> {
+        self.last_read = None;
+        let Some(board) = self.board.take() else {
+            return Ok(());
+        };
+        if self.stuck {
+            return Err(
+                "the PLX board was not shut down: a request never completed, and the board \
+                 cannot be removed with a request in flight"
+                    .into(),
+            );
+        }
+        let settled = board.settle(PLX_REQUEST_TIMEOUT);
+        let clean = board.shut_down();
+        match (settled, clean) {
+            (true, Ok(())) => Ok(()),
+            (false, Ok(())) => {
+                Err("the PLX board's interrupts and DPCs did not settle before shut-down".into())
+            }
+            (_, Err(e)) => Err(format!(
+                "the PLX board did not shut down clean: {}",
+                e.replace('\n', "; ")
+            )),
+        }
+    }
+}
+
+/// Waits for `handle`, which must move `len` bytes.
+fn completed(
+    handle: &RequestHandle<SimBuffer>,
+    what: &str,
+    len: u64,
+    stuck: &mut bool,
+) -> Result<(), String> {
+    let Some(done) = handle.wait_timeout(PLX_REQUEST_TIMEOUT) else {
+        *stuck = true;
+        return Err(format!(
+            "{what}: the request did not complete within {} s",
+            PLX_REQUEST_TIMEOUT.as_secs()
+        ));
+    };
+    done.status.map_err(|e| format!("{what}: {e}"))?;
+    if done.information != len {
+        return Err(format!(
+            "{what}: {} bytes transferred of {len}",
+            done.information
+        ));
+    }
+    Ok(())
+}
+
+impl Workload for PlxWorkload {
+    fn run(&mut self) -> Result<(), String> {
+        let Self {
+            board,
+            data,
+            size,
+            last_read,
+            stuck,
+        } = self;
+        let board = board.as_ref().ok_or("the PLX board was shut down")?;
+        *last_read = None;
+        let write = board
+            .write(data, 0)
+            .map_err(|e| format!("write: cannot submit: {e}"))?;
+        completed(&write, "write", *size, stuck)?;
+        let read = board
+            .read(*size, 0)
+            .map_err(|e| format!("read: cannot submit: {e}"))?;
+        completed(&read, "read", *size, stuck)?;
+        *last_read = Some(read);
+        Ok(())
+    }
+
+    fn verify(&mut self) -> Result<(), String> {
+        let board = self.board.as_ref().ok_or("the PLX board was shut down")?;
+        let read = self.last_read.as_ref().ok_or("no round trip has run")?;
+        let buffer = read.output().ok_or("the read has no buffer")?;
+        let mut back = vec![0u8; self.data.len()];
+        buffer
+            .read(0, &mut back)
+            .map_err(|e| format!("cannot read the read's buffer: {e}"))?;
+        if let Some(at) = back.iter().zip(&self.data).position(|(a, b)| a != b) {
+            return Err(format!(
+                "the read-back differs from the write at byte {at} ({:#04x}, {:#04x} was written)",
+                back[at], self.data[at]
+            ));
+        }
+        let violations = board.sim().sanitizer_record().len();
+        if violations > 0 {
+            return Err(format!(
+                "the DMA sanitizer recorded {violations} violations"
+            ));
+        }
+        Ok(())
+    }
+
+    fn bytes_per_run(&self, size: u64) -> u64 {
+        2 * size
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<(), String> {
+        self.shut_down()
+    }
+}
+
+impl Drop for PlxWorkload {
+    /// Without [`Workload::finish`] (a panic, a caller that forgot), the board is still shut
+    /// down, and a failure reported on stderr: there is no caller to return it to.
+    fn drop(&mut self) {
+        if let Err(e) = self.shut_down() {
+            eprintln!("dmatx bench: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Measuring.
 
 /// Parses a size list such as `512,4K,64KiB,1M`.
@@ -368,11 +609,12 @@ pub enum Budget {
 pub struct Point {
     /// Bytes per transaction.
     pub size: u64,
-    /// Median throughput, MB/s (10^6 bytes per second).
+    /// Median throughput, MB/s (10^6 bytes per second) of the bytes the runs moved
+    /// ([`Workload::bytes_per_run`]).
     pub mb_per_s: f64,
-    /// Median time per transaction, µs.
+    /// Median time per transaction (per run: a round trip for `plx`), µs.
     pub us_per_transaction: f64,
-    /// Transactions per round.
+    /// Transactions (runs) per round.
     pub iterations: u64,
     /// Lowest and highest round throughput, MB/s.
     pub spread: (f64, f64),
@@ -419,7 +661,7 @@ pub fn measure(
     }
     results.sort_by(f64::total_cmp);
     let median = results[results.len() / 2];
-    let bytes = (size * iterations) as f64;
+    let bytes = (workload.bytes_per_run(size) * iterations) as f64;
     Ok(Point {
         size,
         mb_per_s: bytes / median / 1e6,
@@ -430,6 +672,30 @@ pub fn measure(
             bytes / results[0] / 1e6,
         ),
     })
+}
+
+/// Measures `spec` at `size` as [`measure`] does, with a workload built for the point and
+/// finished after it ([`Workload::finish`]); `None` if the series does not apply to `size`.
+///
+/// # Errors
+/// The workload's error from setup, measuring or finishing (both if measuring and finishing
+/// failed).
+pub fn measure_series(
+    spec: &SeriesSpec,
+    size: u64,
+    budget: Budget,
+    rounds: u32,
+) -> Result<Option<Point>, String> {
+    if !spec.applies_to(size) {
+        return Ok(None);
+    }
+    let mut workload = (spec.setup)(size)?;
+    let measured = measure(workload.as_mut(), size, budget, rounds);
+    match (measured, workload.finish()) {
+        (Ok(point), Ok(())) => Ok(Some(point)),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Err(e), Err(finish)) => Err(format!("{e}; then {finish}")),
+    }
 }
 
 /// The resolved settings of a run.
@@ -552,11 +818,14 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         "release build"
     };
     println!(
-        "dmatx bench: whole write-to-device transactions on the simulated machine (immediate \
-         device, transfers up to {}, {} map registers); {build}",
+        "dmatx bench: whole transactions on the simulated machine, immediate devices (sg, bounce \
+         and packet in transfers up to {} with {} map registers); {build}",
         format_bytes(MAX_TRANSFER as f64),
         MAP_REGISTERS
     );
+    for spec in &settings.series {
+        println!("  {}: {}", spec.key, spec.about);
+    }
     let per_point = match settings.budget {
         Budget::Time(d) => format!("about {} ms per point", d.as_millis()),
         Budget::Iterations(n) => format!("{n} transactions per round"),
@@ -568,32 +837,46 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         settings.rounds
     );
 
-    let total = (settings.sizes.len() * settings.series.len()) as u64;
+    let total = settings
+        .series
+        .iter()
+        .map(|spec| {
+            settings
+                .sizes
+                .iter()
+                .filter(|&&s| spec.applies_to(s))
+                .count() as u64
+        })
+        .sum();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40.cyan/blue} {pos}/{len} {msg} [{elapsed}]")
             .map_err(|e| format!("progress bar: {e}"))?
             .progress_chars("##-"),
     );
-    let mut results: Vec<Vec<Point>> = Vec::new();
+    let mut results: Vec<Vec<Option<Point>>> = Vec::new();
     for spec in &settings.series {
         let mut points = Vec::new();
         for &size in &settings.sizes {
             bar.set_message(format!("{} {}", spec.key, format_bytes(size as f64)));
-            let point = (spec.setup)(size)
-                .and_then(|mut w| measure(w.as_mut(), size, settings.budget, settings.rounds))
-                .map_err(|e| {
+            let point =
+                measure_series(spec, size, settings.budget, settings.rounds).map_err(|e| {
                     bar.abandon();
                     format!("{} at {}: {e}", spec.key, format_bytes(size as f64))
                 })?;
+            if point.is_some() {
+                bar.inc(1);
+            }
             points.push(point);
-            bar.inc(1);
         }
         results.push(points);
     }
     bar.finish_and_clear();
 
-    print_table(&settings, &results);
+    print!(
+        "{}",
+        format_table(&settings.series, &settings.sizes, &results)
+    );
     let command = settings.command_line();
     let mut plot = LinePlot::new(
         "dmatx: throughput of whole transactions against their size",
@@ -602,13 +885,20 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         "MB/s",
     );
     plot.subtitle = format!(
-        "simulated machine, immediate device, transfers up to {}; median of {} rounds; {build}",
+        "simulated machine, immediate devices (sg, bounce, packet: transfers up to {}); median \
+         of {} rounds; {build}",
         format_bytes(MAX_TRANSFER as f64),
         settings.rounds
     );
     for (spec, points) in settings.series.iter().zip(&results) {
-        let xy = points.iter().map(|p| (p.size as f64, p.mb_per_s)).collect();
+        // A skipped size has no point: the line joins the sizes the series applies to.
+        let xy = points
+            .iter()
+            .flatten()
+            .map(|p| (p.size as f64, p.mb_per_s))
+            .collect();
         plot.add_series(spec.label, xy);
+        plot.add_caption(&format!("{}: {}", spec.label, spec.about));
     }
     plot.add_caption(&format!("reproduce: {command}"));
     out.write(plot.to_svg().as_bytes())?;
@@ -617,30 +907,70 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn print_table(settings: &Settings, results: &[Vec<Point>]) {
+/// The table of `results` (one column per series, one row per size; `None` is a size the
+/// series does not apply to, shown as "—"), with a note under it for each series that skipped a
+/// size.
+fn format_table(series: &[&SeriesSpec], sizes: &[u64], results: &[Vec<Option<Point>>]) -> String {
     const CELL: usize = 24;
-    let mut header = format!("{:>9}", "size");
-    for spec in &settings.series {
-        let label: String = spec.label.chars().take(CELL - 2).collect();
-        header.push_str(&format!("  {label:>CELL$}"));
+    // Labels wrap at spaces onto as many header lines as the longest needs.
+    let labels: Vec<Vec<String>> = series.iter().map(|s| wrap_label(s.label, CELL)).collect();
+    let header_lines = labels.iter().map(Vec::len).max().unwrap_or(1);
+    let mut out = String::new();
+    let width = 9 + series.len() * (CELL + 2);
+    for line in 0..header_lines {
+        let mut text = format!("{:>9}", if line + 1 == header_lines { "size" } else { "" });
+        for label in &labels {
+            // Bottom-aligned, so every label ends on the line of "size".
+            let pad = header_lines - label.len();
+            let part = line.checked_sub(pad).map_or("", |k| label[k].as_str());
+            text.push_str(&format!("  {part:>CELL$}"));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
     }
-    println!("{header}");
     let mut units = format!("{:>9}", "");
-    for _ in &settings.series {
+    for _ in series {
         units.push_str(&format!("  {:>CELL$}", "MB/s    µs/tx"));
     }
-    println!("{units}");
-    println!("{:-<1$}", "", header.chars().count());
-    for (row, &size) in settings.sizes.iter().enumerate() {
+    out.push_str(&format!("{units}\n{:-<width$}\n", ""));
+    for (row, &size) in sizes.iter().enumerate() {
         let mut line = format!("{:>9}", format_bytes(size as f64));
         for points in results {
-            let p = &points[row];
-            let cell = format!("{:.1} {:>9.2}", p.mb_per_s, p.us_per_transaction);
+            let cell = match &points[row] {
+                Some(p) => format!("{:.1} {:>9.2}", p.mb_per_s, p.us_per_transaction),
+                None => "—".to_owned(),
+            };
             line.push_str(&format!("  {cell:>CELL$}"));
         }
-        println!("{line}");
+        out.push_str(&format!("{line}\n"));
     }
-    println!("{:-<1$}", "", header.chars().count());
+    out.push_str(&format!("{:-<width$}\n", ""));
+    for (spec, points) in series.iter().zip(results) {
+        if points.iter().any(Option::is_none) {
+            out.push_str(&format!(
+                "—: not applicable ({} takes at most {})\n",
+                spec.key,
+                format_bytes(spec.max_size as f64)
+            ));
+        }
+    }
+    out
+}
+
+/// `label` cut at spaces into lines of at most `columns` characters (a longer word is cut).
+fn wrap_label(label: &str, columns: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in label.split(' ') {
+        let word: String = word.chars().take(columns).collect();
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= columns => {
+                line.push(' ');
+                line.push_str(&word);
+            }
+            _ => lines.push(word),
+        }
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -678,24 +1008,88 @@ mod tests {
             ["bounce", "sg"]
         );
         assert!(
-            parse_series("plx")
+            parse_series("pci")
                 .unwrap_err()
-                .contains("known: sg, bounce, packet")
+                .contains("known: sg, bounce, packet, plx")
         );
     }
 
     #[test]
     fn every_series_runs_moves_the_bytes_and_measures() {
         for spec in SERIES {
-            for size in [1, 4096, 200_000] {
-                let mut w = (spec.setup)(size).unwrap();
-                let p = measure(w.as_mut(), size, Budget::Iterations(3), 3)
+            for size in [1, 4096, SRAM_SIZE, 200_000] {
+                let p = measure_series(spec, size, Budget::Iterations(3), 3)
                     .unwrap_or_else(|e| panic!("{} {size}: {e}", spec.key));
-                assert_eq!(p.iterations, 3);
+                let Some(p) = p else {
+                    // Only the PLX board has a limit among these sizes: its SRAM.
+                    assert_eq!((spec.key, size), ("plx", 200_000));
+                    assert!(!spec.applies_to(size));
+                    assert!((spec.setup)(size).is_err(), "plx built at {size}");
+                    continue;
+                };
+                assert_eq!((p.size, p.iterations), (size, 3));
                 assert!(p.mb_per_s > 0.0 && p.us_per_transaction > 0.0);
                 assert!(p.spread.0 <= p.mb_per_s && p.mb_per_s <= p.spread.1);
             }
         }
+    }
+
+    #[test]
+    fn plx_counts_both_directions_and_shuts_the_board_down() {
+        let mut w = PlxWorkload::new(4096).unwrap();
+        w.run().unwrap();
+        w.verify().unwrap();
+        assert_eq!(w.bytes_per_run(4096), 8192);
+        let writes = w.board.as_ref().unwrap().plx().stats().program_write_calls;
+        assert_eq!(
+            writes, 1,
+            "a 4 KiB write is one transfer (of at most 8 KiB)"
+        );
+        Box::new(w).finish().unwrap();
+        // Shut down, a workload refuses to run, and its drop has nothing left to do.
+        let mut w = PlxWorkload::new(1).unwrap();
+        assert!(w.verify().unwrap_err().contains("no round trip"));
+        w.shut_down().unwrap();
+        assert!(w.run().unwrap_err().contains("shut down"));
+        assert!(PlxWorkload::new(SRAM_SIZE + 1).is_err());
+        assert!(PlxWorkload::new(0).is_err());
+    }
+
+    #[test]
+    fn the_table_shows_skipped_sizes_as_a_dash() {
+        let series: Vec<&SeriesSpec> = parse_series("sg,plx").unwrap();
+        let sizes = [4096, 1 << 20];
+        let point = |size| Point {
+            size,
+            mb_per_s: 1234.5,
+            us_per_transaction: 3.25,
+            iterations: 10,
+            spread: (1200.0, 1300.0),
+        };
+        let results = vec![
+            vec![Some(point(4096)), Some(point(1 << 20))],
+            vec![Some(point(4096)), None],
+        ];
+        let table = format_table(&series, &sizes, &results);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].ends_with("PLX9x5x driver, write +"), "{table}");
+        assert!(lines[1].starts_with("     size") && lines[1].ends_with("read-back"));
+        let row = |size: &str| {
+            *lines
+                .iter()
+                .find(|l| l.trim_start().starts_with(size))
+                .unwrap()
+        };
+        assert_eq!(row("4 KiB").matches("1234.5      3.25").count(), 2);
+        assert!(row("1 MiB").trim_end().ends_with('—'));
+        assert_eq!(row("1 MiB").matches("1234.5").count(), 1);
+        assert!(table.contains("—: not applicable (plx takes at most 128 KiB)"));
+        let widths: Vec<usize> = lines
+            .iter()
+            .filter(|l| l.starts_with('-'))
+            .map(|l| l.chars().count())
+            .collect();
+        assert_eq!(widths, [9 + 2 * 26, 9 + 2 * 26]);
     }
 
     #[test]

@@ -915,55 +915,41 @@ pub fn plx_evt_io_write<P: Platform, M: HostBuffer>(
     length: u64,
 ) {
     let device = queue.device();
-    let ext = device.context();
-    ext.request_started();
-    let started = {
-        let _scope = ext.sync_scope();
-        let t = &ext.transactions[WRITE];
-        let started = (|| {
-            if length > SRAM_SIZE {
+    start_request(device, WRITE, &request, |ext, t| {
+        if length > SRAM_SIZE {
+            return Err(Error::InvalidBufferSize);
+        }
+        t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
+        let mut memory = request.input_memory().ok_or(Error::InvalidDeviceRequest)?;
+        if let Some(chains) = &ext.chains {
+            // The fragmentation build: copy the request into the driver's chain.
+            let chain = &chains[WRITE];
+            if length > chain.total_length() {
                 return Err(Error::InvalidBufferSize);
             }
-            t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
-            let mut memory = request.input_memory().ok_or(Error::InvalidDeviceRequest)?;
-            if let Some(chains) = &ext.chains {
-                // The fragmentation build: copy the request into the driver's chain.
-                let chain = &chains[WRITE];
-                if length > chain.total_length() {
-                    return Err(Error::InvalidBufferSize);
-                }
-                let mut bytes = vec![0u8; length as usize];
-                memory.memory().load(0, &mut bytes)?;
-                chain.memory().store(0, &bytes)?;
-                memory = chain.clone();
-            }
-            if memory.segment_count() == 0 {
-                return Err(Error::InvalidDeviceRequest);
-            }
-            let va = memory.segment(0).va;
-            t.initialize(
-                plx_evt_program_write_dma::<P, M>,
-                Direction::WriteToDevice,
-                memory,
-                va,
-                length,
-            )
-            .map_err(|e| e.error)?;
-            bump(&ext.counters.initialized[WRITE]);
-            *lock(&ext.write_request) = Some(request.clone());
-            t.execute(device.clone()).inspect_err(|_| {
-                lock(&ext.write_request).take();
-            })
-        })();
-        if started.is_err() {
-            ext.release(WRITE);
+            let mut bytes = vec![0u8; length as usize];
+            memory.memory().load(0, &mut bytes)?;
+            chain.memory().store(0, &bytes)?;
+            memory = chain.clone();
         }
-        started
-    };
-    if let Err(status) = started {
-        ext.request_finished();
-        let _ = request.complete(Err(status));
-    }
+        if memory.segment_count() == 0 {
+            return Err(Error::InvalidDeviceRequest);
+        }
+        let va = memory.segment(0).va;
+        t.initialize(
+            plx_evt_program_write_dma::<P, M>,
+            Direction::WriteToDevice,
+            memory,
+            va,
+            length,
+        )
+        .map_err(|e| e.error)?;
+        bump(&ext.counters.initialized[WRITE]);
+        *lock(&ext.write_request) = Some(request.clone());
+        t.execute(device.clone()).inspect_err(|_| {
+            lock(&ext.write_request).take();
+        })
+    });
 }
 
 /// `PLxEvtIoRead`: as the write, with `WdfDmaTransactionInitializeUsingRequest`.
@@ -974,48 +960,59 @@ pub fn plx_evt_io_read<P: Platform, M: HostBuffer>(
     length: u64,
 ) {
     let device = queue.device();
+    start_request(device, READ, &request, |ext, t| {
+        if length > SRAM_SIZE {
+            return Err(Error::InvalidBufferSize);
+        }
+        t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
+        if let Some(chains) = &ext.chains {
+            // The fragmentation build: read into the driver's chain, the request in the
+            // context; the DPC copies the bytes out.
+            let chain = chains[READ].clone();
+            if length > chain.total_length() {
+                return Err(Error::InvalidBufferSize);
+            }
+            t.initialize_using_offset(
+                plx_evt_program_read_dma::<P, M>,
+                Direction::ReadFromDevice,
+                chain,
+                0,
+                length,
+            )
+            .map_err(|e| e.error)?;
+            bump(&ext.counters.initialized[READ]);
+            *lock(&ext.read_request) = Some(request.clone());
+            return t.execute(device.clone()).inspect_err(|_| {
+                lock(&ext.read_request).take();
+            });
+        }
+        dmatx_runtime::dma::initialize_using_request(
+            t,
+            &request,
+            plx_evt_program_read_dma::<P, M>,
+            Direction::ReadFromDevice,
+        )?;
+        bump(&ext.counters.initialized[READ]);
+        t.execute(device.clone())
+    });
+}
+
+/// What both I/O callbacks do around their own steps: count the request as held, run `start`
+/// in the synchronization scope, and if it fails release the transaction (as the sample does,
+/// initialized or not) and complete the request with the status, after leaving the scope.
+fn start_request<P: Platform, M: HostBuffer>(
+    device: &Device<DeviceExtension<P, M>>,
+    channel: usize,
+    request: &Request<M>,
+    start: impl FnOnce(&DeviceExtension<P, M>, &PlxTransaction<P, M>) -> Result<()>,
+) {
     let ext = device.context();
     ext.request_started();
     let started = {
         let _scope = ext.sync_scope();
-        let t = &ext.transactions[READ];
-        let started = (|| {
-            if length > SRAM_SIZE {
-                return Err(Error::InvalidBufferSize);
-            }
-            t.set_single_transfer_requirement(ext.require_single_transfer.load(Ordering::Relaxed))?;
-            if let Some(chains) = &ext.chains {
-                // The fragmentation build: read into the driver's chain, the request in the
-                // context; the DPC copies the bytes out.
-                let chain = chains[READ].clone();
-                if length > chain.total_length() {
-                    return Err(Error::InvalidBufferSize);
-                }
-                t.initialize_using_offset(
-                    plx_evt_program_read_dma::<P, M>,
-                    Direction::ReadFromDevice,
-                    chain,
-                    0,
-                    length,
-                )
-                .map_err(|e| e.error)?;
-                bump(&ext.counters.initialized[READ]);
-                *lock(&ext.read_request) = Some(request.clone());
-                return t.execute(device.clone()).inspect_err(|_| {
-                    lock(&ext.read_request).take();
-                });
-            }
-            dmatx_runtime::dma::initialize_using_request(
-                t,
-                &request,
-                plx_evt_program_read_dma::<P, M>,
-                Direction::ReadFromDevice,
-            )?;
-            bump(&ext.counters.initialized[READ]);
-            t.execute(device.clone())
-        })();
+        let started = start(ext, &ext.transactions[channel]);
         if started.is_err() {
-            ext.release(READ);
+            ext.release(channel);
         }
         started
     };

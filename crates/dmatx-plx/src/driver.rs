@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dmatx::hal::{MemoryDescriptor, Platform, RegisterWindow};
@@ -270,12 +270,6 @@ struct Saved {
     csr: [u8; 2],
 }
 
-/// Requests the driver holds, for power-down's wait.
-#[derive(Default)]
-struct InFlight {
-    count: u32,
-}
-
 /// The watchdog of one channel (hardened).
 #[derive(Default)]
 struct Watch {
@@ -303,9 +297,17 @@ pub struct DeviceExtension<P: Platform, M: HostBuffer> {
     regs: OnceLock<Arc<dyn RegisterWindow>>,
     /// BAR2, mapped and never touched (as in the sample).
     sram: OnceLock<Arc<dyn RegisterWindow>>,
-    interrupt: OnceLock<Interrupt<Self>>,
+    /// The interrupt, the watchdog timers (hardened) and the queues: handles of objects that
+    /// hold the device, so kept where the cleanup callback can drop them (no reference cycle
+    /// outlives the device's deletion).
+    interrupt: Mutex<Option<Interrupt<Self>>>,
     /// Hardened: one watchdog timer per channel.
-    watchdogs: OnceLock<[Timer<Self>; 2]>,
+    watchdogs: Mutex<Option<[Timer<Self>; 2]>>,
+    queues: Mutex<Vec<Queue<Self, M>>>,
+    /// Set while program-DMA holds the interrupt lock (any thread), for the P15 observation.
+    programming: AtomicBool,
+    /// Power-downs that found requests in flight and waited for them.
+    power_down_waits: AtomicU64,
     watch: Mutex<[Watch; 2]>,
     delay: Delay,
     saved: Mutex<Saved>,
@@ -314,8 +316,6 @@ pub struct DeviceExtension<P: Platform, M: HostBuffer> {
     require_single_transfer: AtomicBool,
     /// The next D0 exit goes to D3Final (removal).
     final_power_down: AtomicBool,
-    in_flight: Mutex<InFlight>,
-    idle: Condvar,
     program_log: Mutex<VecDeque<ProgramRecord>>,
     completion_log: Mutex<VecDeque<CompletionRecord>>,
     counters: Counters,
@@ -356,16 +356,28 @@ impl<P: Platform, M: HostBuffer> DeviceExtension<P, M> {
         self.config.variant == Variant::Hardened
     }
 
-    fn request_started(&self) {
-        lock(&self.in_flight).count += 1;
+    /// INTCSR as read, made ready for a read-modify-write. The sample writes back what it read,
+    /// abort bits included, which clears them (they are write-one-to-clear); the hardened port
+    /// masks them so an abort its ISR has not seen yet survives.
+    fn int_csr_to_write(&self, read: u32) -> u32 {
+        if self.hardened() {
+            read & !intcsr::ABORT_BITS
+        } else {
+            read
+        }
     }
 
-    fn request_finished(&self) {
-        let mut f = lock(&self.in_flight);
-        f.count = f.count.saturating_sub(1);
-        if f.count == 0 {
-            self.idle.notify_all();
-        }
+    fn interrupt(&self) -> Option<Interrupt<Self>> {
+        lock(&self.interrupt).clone()
+    }
+
+    fn watchdog(&self, channel: usize) -> Option<Timer<Self>> {
+        lock(&self.watchdogs).as_ref().map(|t| t[channel].clone())
+    }
+
+    /// Requests delivered to the driver's queues and not completed.
+    fn requests_held(&self) -> usize {
+        lock(&self.queues).iter().map(Queue::outstanding).sum()
     }
 
     fn release(&self, channel: usize) {
@@ -507,16 +519,17 @@ fn device_add<P: Platform, M: HostBuffer>(
         write_request: Mutex::new(None),
         regs: OnceLock::new(),
         sram: OnceLock::new(),
-        interrupt: OnceLock::new(),
-        watchdogs: OnceLock::new(),
+        interrupt: Mutex::new(None),
+        watchdogs: Mutex::new(None),
         watch: Mutex::new([Watch::default(), Watch::default()]),
         delay,
         saved: Mutex::new(Saved::default()),
         scope: Mutex::new(()),
         require_single_transfer: AtomicBool::new(false),
         final_power_down: AtomicBool::new(false),
-        in_flight: Mutex::new(InFlight::default()),
-        idle: Condvar::new(),
+        queues: Mutex::new(Vec::new()),
+        programming: AtomicBool::new(false),
+        power_down_waits: AtomicU64::new(0),
         program_log: Mutex::new(VecDeque::with_capacity(PROGRAM_LOG_CAPACITY)),
         completion_log: Mutex::new(VecDeque::with_capacity(PROGRAM_LOG_CAPACITY)),
         counters: Counters::default(),
@@ -530,8 +543,7 @@ fn device_add<P: Platform, M: HostBuffer>(
         device.set_pnp_power_callbacks(PnpPowerCallbacks {
             d0_entry: Some(plx_evt_device_d0_entry::<P, M>),
             d0_entry_post_interrupts_enabled: Some(plx_evt_interrupt_enable::<P, M>),
-            self_managed_io_suspend: Some(plx_wait_for_requests::<P, M>),
-            d0_exit_pre_interrupts_disabled: Some(plx_evt_interrupt_disable::<P, M>),
+            d0_exit_pre_interrupts_disabled: Some(plx_d0_exit_pre_interrupts_disabled::<P, M>),
             d0_exit: Some(plx_evt_device_d0_exit::<P, M>),
             ..PnpPowerCallbacks::default()
         })?;
@@ -542,7 +554,7 @@ fn device_add<P: Platform, M: HostBuffer>(
                 dpc: Some(plx_evt_interrupt_dpc::<P, M>),
             },
         )?;
-        let _ = device.context().interrupt.set(interrupt.clone());
+        *lock(&device.context().interrupt) = Some(interrupt.clone());
         if config.variant == Variant::Hardened {
             let timer = || {
                 Timer::create(
@@ -552,7 +564,7 @@ fn device_add<P: Platform, M: HostBuffer>(
                     },
                 )
             };
-            let _ = device.context().watchdogs.set([timer()?, timer()?]);
+            *lock(&device.context().watchdogs) = Some([timer()?, timer()?]);
         }
         let write_queue = Queue::create(
             &device,
@@ -575,6 +587,9 @@ fn device_add<P: Platform, M: HostBuffer>(
                 ..QueueConfig::new(Dispatch::Sequential)
             },
         )?;
+        *lock(&device.context().queues) =
+            vec![write_queue.clone(), read_queue.clone(), ioctl_queue.clone()];
+        device.set_cleanup_callback(plx_evt_device_cleanup::<P, M>)?;
         Ok((interrupt, write_queue, read_queue, ioctl_queue))
     })();
     match built {
@@ -787,9 +802,18 @@ impl<P: Platform, M: HostBuffer> Plx<P, M> {
             .load(Ordering::Relaxed)
     }
 
-    /// Requests the driver holds (delivered to `EvtIoWrite`/`EvtIoRead`, not completed).
-    pub fn requests_in_flight(&self) -> u32 {
-        lock(&self.device.context().in_flight).count
+    /// Requests the driver holds (delivered by its queues, not completed).
+    pub fn requests_in_flight(&self) -> usize {
+        self.device.context().requests_held()
+    }
+
+    /// Power-downs that found requests in flight and waited for them.
+    pub fn power_down_waits(&self) -> u64 {
+        // ORDERING: statistics.
+        self.device
+            .context()
+            .power_down_waits
+            .load(Ordering::Relaxed)
     }
 
     /// Counters of the driver.
@@ -845,11 +869,11 @@ fn plx_evt_interrupt_enable<P: Platform, M: HostBuffer>(
     device: &Device<DeviceExtension<P, M>>,
 ) -> Result<()> {
     let ext = device.context();
-    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt.get()) else {
+    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt()) else {
         return Err(Error::InvalidDeviceState);
     };
     interrupt.synchronize(|| {
-        let v = regs.read32(INTCSR);
+        let v = ext.int_csr_to_write(regs.read32(INTCSR));
         regs.write32(INTCSR, v | intcsr::PCI_INT_ENABLE);
     })
 }
@@ -860,26 +884,38 @@ fn plx_evt_interrupt_disable<P: Platform, M: HostBuffer>(
     device: &Device<DeviceExtension<P, M>>,
 ) -> Result<()> {
     let ext = device.context();
-    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt.get()) else {
+    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt()) else {
         return Err(Error::InvalidDeviceState);
     };
     interrupt.synchronize(|| {
-        let v = regs.read32(INTCSR);
+        let v = ext.int_csr_to_write(regs.read32(INTCSR));
         regs.write32(INTCSR, v & !intcsr::PCI_INT_ENABLE);
     })
 }
 
-/// What KMDF does before powering down a power-managed queue whose driver has no `EvtIoStop`:
-/// wait for the requests it holds.
-fn plx_wait_for_requests<P: Platform, M: HostBuffer>(
+/// Before interrupts are disabled: what KMDF does for a power-managed queue whose driver has
+/// no `EvtIoStop` — wait for the requests the driver holds (the queues already hold new ones;
+/// the DPC still runs) — then `PLxEvtInterruptDisable`.
+fn plx_d0_exit_pre_interrupts_disabled<P: Platform, M: HostBuffer>(
     device: &Device<DeviceExtension<P, M>>,
 ) -> Result<()> {
     let ext = device.context();
-    let mut f = lock(&ext.in_flight);
-    while f.count > 0 {
-        f = ext.idle.wait(f).unwrap_or_else(|e| e.into_inner());
+    if ext.requests_held() > 0 {
+        bump(&ext.power_down_waits);
+        while ext.requests_held() > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
-    Ok(())
+    plx_evt_interrupt_disable(device)
+}
+
+/// The device's cleanup (`EvtCleanupCallback`): drop the handles of the objects that hold the
+/// device, once they have stopped.
+fn plx_evt_device_cleanup<P: Platform, M: HostBuffer>(device: &Device<DeviceExtension<P, M>>) {
+    let ext = device.context();
+    lock(&ext.interrupt).take();
+    lock(&ext.watchdogs).take();
+    lock(&ext.queues).clear();
 }
 
 /// `PLxEvtDeviceD0Exit`: to D3Final only, the CNTRL soft reset (set bit 30, wait 100 ms,
@@ -889,6 +925,11 @@ fn plx_evt_device_d0_exit<P: Platform, M: HostBuffer>(
     device: &Device<DeviceExtension<P, M>>,
 ) -> Result<()> {
     let ext = device.context();
+    // A DPC queued before interrupts were disabled runs now, not after the next D0 entry
+    // cleared the saved flags it would consume.
+    if let Some(interrupt) = ext.interrupt() {
+        interrupt.wait_dpc_idle(Duration::from_secs(10));
+    }
     // ORDERING: written by `remove` on this thread.
     if !ext.final_power_down.load(Ordering::Relaxed) {
         return Ok(());
@@ -1007,7 +1048,6 @@ fn start_request<P: Platform, M: HostBuffer>(
     start: impl FnOnce(&DeviceExtension<P, M>, &PlxTransaction<P, M>) -> Result<()>,
 ) {
     let ext = device.context();
-    ext.request_started();
     let started = {
         let _scope = ext.sync_scope();
         let started = start(ext, &ext.transactions[channel]);
@@ -1017,7 +1057,6 @@ fn start_request<P: Platform, M: HostBuffer>(
         started
     };
     if let Err(status) = started {
-        ext.request_finished();
         let _ = request.complete(Err(status));
     }
 }
@@ -1044,14 +1083,18 @@ pub fn plx_evt_io_device_control<P: Platform, M: HostBuffer>(
             return;
         }
     };
-    let now = {
+    let result = {
         let _scope = ext.sync_scope();
         // ORDERING: read under the scope by the I/O callbacks.
-        !ext.require_single_transfer
-            .fetch_xor(true, Ordering::Relaxed)
+        let now = !ext.require_single_transfer.load(Ordering::Relaxed);
+        let stored = output.memory().store(0, &[u8::from(now)]);
+        if stored.is_ok() {
+            ext.require_single_transfer.store(now, Ordering::Relaxed);
+        }
+        stored
     };
-    let status = output.memory().store(0, &[u8::from(now)]);
-    let _ = request.complete_with_information(status, 1);
+    let information = u64::from(result.is_ok());
+    let _ = request.complete_with_information(result, information);
 }
 
 // -------------------------------------------------------------------------------------------
@@ -1116,6 +1159,7 @@ fn program_chain<P: Platform, M: HostBuffer>(
         0
     };
     let mut length = 0u64;
+    let mut first_local = None;
     for (i, element) in sg.iter().enumerate() {
         let last = i + 1 == sg.len();
         let address = element.address.get();
@@ -1132,6 +1176,7 @@ fn program_chain<P: Platform, M: HostBuffer>(
             desc_ptr: dpr::DESC_LOCATION_PCI | direction_bit | next,
             pci_address_high: (address >> 32) as u32,
         };
+        first_local.get_or_insert(dte.local_address);
         offset += u64::from(element.length);
         length += u64::from(element.length);
         // The chain has DTE_COUNT slots and the enabler allows no more elements.
@@ -1154,43 +1199,49 @@ fn program_chain<P: Platform, M: HostBuffer>(
             offset: start_offset,
             length,
             elements: sg.len(),
-            first_local: start_offset as u32,
+            first_local: first_local.unwrap_or(0),
         });
     }
-    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt.get()) else {
+    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt()) else {
         // Unreachable: `Plx::start` requires prepared hardware (module documentation).
         return false;
     };
-    if let Some(timers) = ext.watchdogs.get() {
-        lock(&ext.watch)[channel] = Watch {
-            armed_at: Some(Instant::now()),
-            fired: false,
-        };
-        let _ = timers[channel].start(ext.config.watchdog);
-    }
-    let Ok(_guard) = interrupt.acquire_lock() else {
+    let Ok(guard) = interrupt.acquire_lock() else {
+        // Only after the device's deletion, which cancels its requests.
         return false;
     };
+    ext.programming.store(true, Ordering::SeqCst);
     let mut dma_mode = regs.read32(DMA_MODE[channel]);
     dma_mode |= mode::SG_MODE | mode::DONE_INT_ENABLE | mode::INT_TO_PCI;
     if channel == READ || ext.hardened() {
         dma_mode |= mode::CLEAR_COUNT;
     }
     regs.write32(DMA_MODE[channel], dma_mode);
-    let int_csr = regs.read32(INTCSR) | intcsr::PCI_INT_ENABLE | intcsr::DMA_INT_ENABLE[channel];
+    let int_csr = ext.int_csr_to_write(regs.read32(INTCSR))
+        | intcsr::PCI_INT_ENABLE
+        | intcsr::DMA_INT_ENABLE[channel];
     regs.write32(INTCSR, int_csr);
     let dpr_value =
         (base as u32 & dpr::ADDRESS_MASK) | dpr::DESC_LOCATION_PCI | dpr::TERM_COUNT_INT;
     regs.write32(DMA_DESC_PTR[channel], dpr_value);
     regs.write8(DMA_CSR[channel], csr::ENABLE | csr::START);
+    // Armed under the interrupt lock: the ISR, hence the DPC that disarms, comes after.
+    if let Some(timer) = ext.watchdog(channel) {
+        lock(&ext.watch)[channel] = Watch {
+            armed_at: Some(Instant::now()),
+            fired: false,
+        };
+        let _ = timer.start(ext.config.watchdog);
+    }
+    ext.programming.store(false, Ordering::SeqCst);
+    drop(guard);
     true
 }
 
 // -------------------------------------------------------------------------------------------
 // Interrupt (`PLxEvtInterruptIsr`, `PLxEvtInterruptDpc`)
 
-/// Abort evidence for a channel: the PCI abort bit plus the channel's "was bus master" bit.
-const PCI_ABORT: u32 = 1 << 14;
+/// Abort evidence for a channel: its "was bus master" bit (beside the shared PCI abort bit).
 const WAS_BUS_MASTER: [u32; 2] = [1 << 25, 1 << 26];
 
 /// `PLxEvtInterruptIsr`: for each channel whose active bit is set, save INTCSR's bit and the
@@ -1205,7 +1256,7 @@ pub fn plx_evt_interrupt_isr<P: Platform, M: HostBuffer>(
     let Some(regs) = ext.regs() else {
         return false;
     };
-    if PROGRAM_DEPTH.with(std::cell::Cell::get) > 0 {
+    if PROGRAM_DEPTH.with(std::cell::Cell::get) > 0 || ext.programming.load(Ordering::SeqCst) {
         bump(&ext.counters.isr_inside_program_dma);
     }
     let int_csr = regs.read32(INTCSR);
@@ -1292,7 +1343,6 @@ pub fn plx_evt_interrupt_dpc<P: Platform, M: HostBuffer>(
         }
     }
     for (request, status, bytes) in finished.into_iter().flatten() {
-        ext.request_finished();
         let _ = request.complete_with_information(status, bytes);
     }
 }
@@ -1318,11 +1368,11 @@ fn dma_done<P: Platform, M: HostBuffer>(
             w[channel] = Watch::default();
             fired
         };
-        if let Some(timers) = ext.watchdogs.get() {
-            let _ = timers[channel].stop(false);
+        if let Some(timer) = ext.watchdog(channel) {
+            let _ = timer.stop(false);
         }
         let moved = ext.moved_by_clear_count(channel);
-        let aborted = aborts & PCI_ABORT != 0 && aborts & WAS_BUS_MASTER[channel] != 0;
+        let aborted = aborts & WAS_BUS_MASTER[channel] != 0;
         if timed_out {
             (CompletionCall::Final(moved), Some(Error::IoTimeout))
         } else if aborted {
@@ -1404,15 +1454,15 @@ fn copy_out<M: HostBuffer>(
 fn plx_watchdog<P: Platform, M: HostBuffer>(timer: &Timer<DeviceExtension<P, M>>) {
     let device = timer.device();
     let ext = device.context();
-    let Some(timers) = ext.watchdogs.get() else {
-        return;
-    };
-    let Some(channel) = timers.iter().position(|t| t.same_timer(timer)) else {
+    let Some(channel) = lock(&ext.watchdogs)
+        .as_ref()
+        .and_then(|timers| timers.iter().position(|t| t.same_timer(timer)))
+    else {
         return;
     };
     let _scope = ext.sync_scope();
     {
-        let mut w = lock(&ext.watch);
+        let w = lock(&ext.watch);
         // A transfer that finished, or one re-armed after this expiry began, is not ours.
         let expired = w[channel]
             .armed_at
@@ -1420,14 +1470,23 @@ fn plx_watchdog<P: Platform, M: HostBuffer>(timer: &Timer<DeviceExtension<P, M>>
         if !expired || ext.transactions[channel].state() != State::Transfer {
             return;
         }
-        w[channel].fired = true;
     }
-    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt.get()) else {
+    let (Some(regs), Some(interrupt)) = (ext.regs(), ext.interrupt()) else {
         return;
     };
-    bump(&ext.counters.watchdog_aborts);
-    let _ = interrupt.synchronize(|| {
+    // Abort only a channel still running whose Done the ISR has not saved: a transfer that
+    // finished with its DPC still to come is not a timeout.
+    let aborted = interrupt.synchronize(|| {
         let status = regs.read8(DMA_CSR[channel]);
+        let saved_done = lock(&ext.saved).csr[channel] & csr::DONE != 0;
+        if status & csr::DONE != 0 || saved_done {
+            return false;
+        }
         regs.write8(DMA_CSR[channel], status | csr::ABORT);
+        lock(&ext.watch)[channel].fired = true;
+        true
     });
+    if aborted == Ok(true) {
+        bump(&ext.counters.watchdog_aborts);
+    }
 }

@@ -801,9 +801,18 @@ fn p08(s: &Scenario) -> Result<Report, String> {
             failures.join("; ")
         },
     );
+    let ignored = (
+        b.chip().channel_stats(0).ignored_starts,
+        b.chip().channel_stats(1).ignored_starts,
+    );
+    r.expect(
+        "starts the chip ignored (a start while its channel ran: two transfers on one channel)",
+        (0, 0),
+        ignored,
+    );
     r.that(
-        "transactions in Transfer at once (one per channel)",
-        "<= 2",
+        "transactions in Transfer seen at once",
+        "<= 2 (one per channel)",
         max_transfer_state.load(Ordering::Relaxed) <= 2,
         max_transfer_state.load(Ordering::Relaxed),
     );
@@ -1142,6 +1151,11 @@ fn p13(s: &Scenario) -> Result<Report, String> {
             done_irqs(&b, 0),
         ),
     );
+    r.expect(
+        "power-down waiting for the request in flight",
+        1,
+        b.plx().power_down_waits(),
+    );
     b.chip().release_stalled();
     let down = suspend.join().map_err(|_| "P13: power-down panicked")?;
     let fd = wait(&first)?;
@@ -1227,9 +1241,16 @@ fn p15(s: &Scenario) -> Result<Report, String> {
         stats.dma_completed_calls[0] + stats.dma_completed_calls[1],
     );
     r.expect(
-        "ISR calls on a thread inside program-DMA",
+        "ISR calls while program-DMA held the interrupt lock (any thread)",
         0,
         stats.isr_inside_program_dma,
+    );
+    r.that(
+        "chains the chip finished inside the DMACSR write (immediate engine)",
+        "every chain: the ISR had to wait for program-DMA",
+        b.chip().channel_stats(0).chains_ended + b.chip().channel_stats(1).chains_ended
+            == transfers,
+        b.chip().channel_stats(0).chains_ended + b.chip().channel_stats(1).chains_ended,
     );
     r.expect("deepest program-DMA nesting", 1, stats.max_program_depth);
     r.expect(

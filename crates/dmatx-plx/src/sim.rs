@@ -294,6 +294,14 @@ impl SimBoard {
     /// Everything found, one item per line.
     pub fn shut_down(mut self) -> core::result::Result<(), String> {
         let mut problems = Vec::new();
+        // Removal waits for requests in flight (as WDF does); one that can never complete
+        // would hang it, so report it instead and leave the board to be dropped.
+        if !self.settle(Duration::from_secs(10)) || self.plx.requests_in_flight() > 0 {
+            return Err(format!(
+                "{} requests still in flight: not removing the device",
+                self.plx.requests_in_flight()
+            ));
+        }
         if let Err(e) = self.plx.remove() {
             problems.push(format!("remove: {e}"));
         }

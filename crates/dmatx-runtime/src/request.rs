@@ -269,13 +269,13 @@ impl<M> RequestMemory<M> {
 
 // Clones share the one `M`: several transactions, and the issuer's `RequestHandle`, may describe
 // the same bytes. `Send + 'static` hold because `M: Send + Sync + 'static` makes `Arc<M>` so.
+// The `Arc` keeps `M` alive and unmoved while any clone exists, and `M` lends no reference to
+// its bytes (the contract's last clause), so sharing it never lets a Rust reference race a device.
 #[expect(
     unsafe_code,
     reason = "the one audited exception: delegating an unsafe trait"
 )]
-// SAFETY: every method delegates to `M`, which keeps the contract; the `Arc` keeps `M` alive and
-// unmoved while any clone exists, and `M` lends no reference to its bytes (the contract's last
-// clause), so sharing it never lets a Rust reference race a device.
+// SAFETY: every method delegates to `M`, which keeps the contract (sharing it: above).
 unsafe impl<M: MemoryDescriptor + Sync> MemoryDescriptor for RequestMemory<M> {
     fn segment_count(&self) -> usize {
         self.memory.segment_count()

@@ -239,10 +239,11 @@ impl Drop for SimBuffer {
 }
 
 // The frames live in the arena held alive by the `Arc<Memory>`; the segments are built once
-// (by `allocate` or `chain`, which moves whole segments) and never changed.
-// SAFETY: each segment's frames are this buffer's alone (owner `Buffer`), returned only by
-// `Drop` (a leaked buffer keeps them), unchanged, `pages_spanned(page_offset, length)` long;
-// accesses copy through the arena, never lending a reference to the bytes.
+// (by `allocate` or `chain`, which moves whole segments) and never changed. Each segment's
+// frames are this buffer's alone (owner `Buffer`), returned only by `Drop` (a leaked buffer
+// keeps them), and `pages_spanned(page_offset, length)` long.
+// SAFETY: frames owned, unchanged and of the contract's count (above); accesses copy through
+// the arena and never lend a reference to the bytes.
 unsafe impl MemoryDescriptor for SimBuffer {
     fn segment_count(&self) -> usize {
         self.segments.len()

@@ -26,15 +26,12 @@ use clap::{Args, ValueEnum};
 use dmatx::{Direction, Error};
 use dmatx_plx::driver::PlxConfig;
 use dmatx_plx::hw::{MAXIMUM_TRANSFER_LENGTH, SRAM_SIZE};
-use dmatx_plx::sim::{BoardConfig, SimBoard};
+use dmatx_plx::sim::{BoardConfig, SimBoard, VirtualClock};
 use dmatx_sim::{Plx9656Config, Plx9656Fault, Plx9656Mode, SimPlx9656};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fmt;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Round trips of a run without `--count`.
@@ -490,43 +487,6 @@ impl Rng {
     }
 }
 
-/// The deferred engine's clock thread: advances the chip's virtual time until dropped.
-struct Clock {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Clock {
-    fn start(chip: SimPlx9656) -> Result<Self, String> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("plx-clock".into())
-            .spawn(move || {
-                // ORDERING: a stop request; nothing else is published through it.
-                while !flag.load(Ordering::Relaxed) {
-                    chip.advance(CLOCK_STEP_NS);
-                    std::thread::sleep(CLOCK_PERIOD);
-                }
-            })
-            .map_err(|e| format!("clock thread: {e}"))?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Clock {
-    fn drop(&mut self) {
-        // ORDERING: as in `start`.
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Channel numbers of the chip.
 const WRITE: usize = 0;
 const READ: usize = 1;
@@ -641,7 +601,11 @@ pub fn execute(
     .map_err(|e| format!("cannot build the simulated board: {e}"))?;
     // Dropped after the board's shut-down (or with it, on an early return).
     let clock = match settings.engine {
-        Engine::Deferred => Some(Clock::start(board.chip().clone())?),
+        Engine::Deferred => Some(VirtualClock::start(
+            board.chip().clone(),
+            CLOCK_STEP_NS,
+            CLOCK_PERIOD,
+        )?),
         Engine::Immediate => None,
     };
     let mut summary = DemoSummary {

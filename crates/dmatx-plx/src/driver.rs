@@ -375,6 +375,12 @@ impl<P: Platform, M: HostBuffer> DeviceExtension<P, M> {
         lock(&self.watchdogs).as_ref().map(|t| t[channel].clone())
     }
 
+    /// Whether program-DMA holds the interrupt lock now (on any thread): between its first
+    /// register write and its last.
+    pub fn in_program_dma(&self) -> bool {
+        self.programming.load(Ordering::SeqCst)
+    }
+
     /// Requests delivered to the driver's queues and not completed.
     fn requests_held(&self) -> usize {
         lock(&self.queues).iter().map(Queue::outstanding).sum()
@@ -566,27 +572,21 @@ fn device_add<P: Platform, M: HostBuffer>(
             };
             *lock(&device.context().watchdogs) = Some([timer()?, timer()?]);
         }
-        let write_queue = Queue::create(
-            &device,
-            QueueConfig {
-                write: Some(plx_evt_io_write::<P, M>),
-                ..QueueConfig::new(Dispatch::Sequential)
-            },
-        )?;
-        let read_queue = Queue::create(
-            &device,
-            QueueConfig {
-                read: Some(plx_evt_io_read::<P, M>),
-                ..QueueConfig::new(Dispatch::Sequential)
-            },
-        )?;
-        let ioctl_queue = Queue::create(
-            &device,
-            QueueConfig {
-                device_control: Some(plx_evt_io_device_control::<P, M>),
-                ..QueueConfig::new(Dispatch::Sequential)
-            },
-        )?;
+        // Three sequential queues: at most one request per channel in flight.
+        let sequential = QueueConfig::new(Dispatch::Sequential);
+        let queue = |config| Queue::create(&device, config);
+        let write_queue = queue(QueueConfig {
+            write: Some(plx_evt_io_write::<P, M>),
+            ..sequential
+        })?;
+        let read_queue = queue(QueueConfig {
+            read: Some(plx_evt_io_read::<P, M>),
+            ..sequential
+        })?;
+        let ioctl_queue = queue(QueueConfig {
+            device_control: Some(plx_evt_io_device_control::<P, M>),
+            ..sequential
+        })?;
         *lock(&device.context().queues) =
             vec![write_queue.clone(), read_queue.clone(), ioctl_queue.clone()];
         device.set_cleanup_callback(plx_evt_device_cleanup::<P, M>)?;
@@ -1241,9 +1241,6 @@ fn program_chain<P: Platform, M: HostBuffer>(
 // -------------------------------------------------------------------------------------------
 // Interrupt (`PLxEvtInterruptIsr`, `PLxEvtInterruptDpc`)
 
-/// Abort evidence for a channel: its "was bus master" bit (beside the shared PCI abort bit).
-const WAS_BUS_MASTER: [u32; 2] = [1 << 25, 1 << 26];
-
 /// `PLxEvtInterruptIsr`: for each channel whose active bit is set, save INTCSR's bit and the
 /// channel's DMACSR, clear the channel's interrupt, claim. Queue the DPC if claimed and a saved
 /// Done bit is set.
@@ -1372,7 +1369,7 @@ fn dma_done<P: Platform, M: HostBuffer>(
             let _ = timer.stop(false);
         }
         let moved = ext.moved_by_clear_count(channel);
-        let aborted = aborts & WAS_BUS_MASTER[channel] != 0;
+        let aborted = aborts & intcsr::WAS_BUS_MASTER[channel] != 0;
         if timed_out {
             (CompletionCall::Final(moved), Some(Error::IoTimeout))
         } else if aborted {

@@ -37,6 +37,8 @@ pub mod intcsr {
     pub const DMA_INT_ACTIVE: [u32; 2] = [1 << 21, 1 << 22];
     /// Abort status bits (the sample never reads them): 10, 14, 24–27.
     pub const ABORT_BITS: u32 = (1 << 10) | (1 << 14) | (0xF << 24);
+    /// DMA channel 0 / 1 was bus master when an abort happened (write-one-to-clear).
+    pub const WAS_BUS_MASTER: [u32; 2] = [1 << 25, 1 << 26];
 }
 
 /// CNTRL bits.

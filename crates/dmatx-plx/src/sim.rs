@@ -343,6 +343,59 @@ impl Drop for SimBoard {
     }
 }
 
+/// A thread that lets virtual time pass for a chip in deferred mode: `step_ns` of virtual time
+/// every `period` of real time, until dropped (which stops and joins it).
+pub struct VirtualClock {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for VirtualClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtualClock").finish_non_exhaustive()
+    }
+}
+
+impl VirtualClock {
+    /// Start the clock of `chip`.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn start(
+        chip: SimPlx9656,
+        step_ns: u64,
+        period: Duration,
+    ) -> core::result::Result<Self, String> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("plx-clock".into())
+            .spawn(move || {
+                // ORDERING: a stop request; nothing else is published through it.
+                while !flag.load(Ordering::Relaxed) {
+                    chip.advance(step_ns);
+                    std::thread::sleep(period);
+                }
+            })
+            .map_err(|e| format!("clock thread: {e}"))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for VirtualClock {
+    fn drop(&mut self) {
+        // ORDERING: as in `start`.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The chip's events as `device.*` tracing events (docs/TRACING.md).
 #[cfg(feature = "tracing")]
 fn trace_chip_event(event: dmatx_sim::Plx9656Event) {

@@ -1,0 +1,7 @@
+//! The real system calls (Linux).
+
+mod mem;
+mod vfio;
+
+pub(crate) use mem::*;
+pub(crate) use vfio::*;

@@ -84,6 +84,10 @@
 //!   a register file implementing [`dmatx_hal::RegisterWindow`], 128 KiB of SRAM, two
 //!   scatter/gather channels walking descriptor chains in host memory, an interrupt line with a
 //!   listener, fault plans per channel start, counters and an event trace.
+//! * **QEMU's edu** ([`SimEdu`], [`SimEduConfig`]): the teaching device of the guest tier — a
+//!   1 MiB register BAR, the liveness and factorial registers, an interrupt status with raise
+//!   and acknowledge, and one DMA engine with a 4 KiB buffer completing on a worker thread,
+//!   with QEMU's 28-bit address mask and (as a knob) QEMU 7.2's end-of-buffer erratum.
 //!
 //! The steady-state paths — `allocate`, `map`, `flush`, `free`, and a device transfer in
 //! immediate mode — allocate nothing on the heap.
@@ -94,6 +98,7 @@
 mod adapter;
 mod buffer;
 mod device;
+mod edu;
 mod memory;
 mod platform;
 mod plx9656;
@@ -109,6 +114,9 @@ mod system_tests;
 #[cfg(test)]
 mod plx9656_tests;
 
+#[cfg(test)]
+mod edu_tests;
+
 pub use adapter::{
     AdapterConfig, AdapterMode, AdapterStats, DEFAULT_IOVA_BASE, DEFAULT_MAP_REGISTERS, SimAdapter,
 };
@@ -116,6 +124,10 @@ pub use buffer::SimBuffer;
 pub use device::{
     CompletionHandler, CompletionMode, DeviceCompletion, DeviceConfig, DeviceFault, DeviceStats,
     SimDmaDevice,
+};
+pub use edu::{
+    EDU_BAR0_SIZE, EDU_DMA_BUFFER, EDU_DMA_BUFFER_SIZE, EDU_DMA_MASK, EDU_ID, SimEdu, SimEduBar,
+    SimEduConfig, SimEduStats, edu_reg,
 };
 pub use memory::{MemoryRegion, MemoryStats, Placement};
 pub use platform::{

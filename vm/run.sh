@@ -77,6 +77,8 @@ if [[ "$line" =~ ^dmatx-guest:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
         vm_say "guest tests PASSED ($passed)"
         exit 0
     fi
+    [ "$passed" -gt 0 ] || [ "$failed" -gt 0 ] ||
+        vm_die "the guest ran no test (DMATX_VM_FILTER='${DMATX_VM_FILTER:-}' matches none?)"
     vm_die "guest tests FAILED: $passed passed, $failed failed (the \`test ... FAILED\` lines above say why)"
 fi
 vm_die "the guest printed no \`dmatx-guest: N passed, M failed\` line (see $LOG)"

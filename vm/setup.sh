@@ -96,7 +96,7 @@ cached=$(cat "$WORK/kernel-current" 2>/dev/null || true)
 KPKG=""
 if command -v apt-cache >/dev/null; then
     KPKG=$(apt-cache depends "linux-image-$KFLAVOUR" 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+        awk '/Depends: linux-image-[0-9]/{print $2; exit}' || true)
 fi
 if [ -z "$KPKG" ] && [ -n "$cached" ] && [ -d "$WORK/kernel-$cached" ]; then
     vm_say "cannot resolve linux-image-$KFLAVOUR now; using the cached $cached"

@@ -8,11 +8,20 @@
 //! Tiers:
 //!
 //! * `test`  — what CI runs (`.ci/run`): fmt, clippy, build, tests, the `tracing` feature's
-//!   clippy and tests, loom smoke.
+//!   clippy and tests, loom smoke, then the guest tier (`vm`).
 //! * `loom`  — every loom model (`crates/*/tests/loom*.rs`) under `--cfg loom`.
 //! * `miri`  — the library unit tests under Miri (nightly toolchain).
 //! * `bench` — the criterion benchmarks of `dmatx`.
 //! * `stress` — the runtime's cancel/partial-transfer stress test, long, in release.
+//! * `vm`    — the guest tier (`vm/`): a QEMU guest with QEMU's edu and nvme devices bound to
+//!   vfio-pci behind an emulated IOMMU runs the `dmatx-guest` harness (`vm/guest`) once.
+//!
+//! A step that cannot run on this machine is recorded as skipped, with its reason printed
+//! loudly, never as passed: the guest tier's scripts exit with [`SKIP_EXIT_CODE`] and a
+//! `vm: SKIP: <reason>` line when the host is not Linux x86_64, QEMU is missing and cannot be
+//! installed (no root, no apt, offline) or the kernel package cannot be downloaded.
+//! `DMATX_VM=0` skips the guest tier on purpose. The guest's `dmatx-guest: N passed, M failed`
+//! line adds to the tests counted in the summary.
 
 use std::env;
 use std::ffi::OsString;
@@ -30,7 +39,7 @@ tiers:
   test                 what CI runs: fmt check, clippy -D warnings, build, cargo test
                        (debug, verifier on), the tracing feature (clippy, its event tests
                        and the zero-allocation test with it on), loom smoke
-                       (LOOM_MAX_PREEMPTIONS=2)
+                       (LOOM_MAX_PREEMPTIONS=2), then the guest tier as step `vm`
   loom [-- <filter>]   all loom models in crates/*/tests/loom*.rs, release, --cfg loom,
                        LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3}, target dir target/loom
   miri                 Miri over the library unit tests and the core's transaction tests
@@ -44,9 +53,28 @@ tiers:
                        against deferred, partial completions), release build,
                        DMATX_STRESS_REQUESTS=requests (default 200000 per profile; the
                        test tier runs 2000)
+  vm                   the guest tier (vm/, see vm/README.md): vm/setup.sh (installs
+                       qemu-system-x86 from bookworm-backports, busybox-static, cpio if
+                       missing; downloads the Debian cloud kernel), vm/build.sh (static
+                       dmatx-guest, initramfs), vm/run.sh (one QEMU boot, q35 + intel-iommu,
+                       edu and nvme on vfio-pci, all guest tests); work dir target/vm
+                       (DMATX_VM_WORK). Skipped, loudly, where it cannot run (not Linux
+                       x86_64, QEMU missing without root or apt, offline); DMATX_VM=0 skips
+                       it (also in `test`). Knobs: DMATX_VM_ACCEL=tcg|kvm, DMATX_VM_SMP,
+                       DMATX_VM_MEM, DMATX_VM_TIMEOUT (s, default 600), DMATX_VM_FILTER
   help, --help, -h     this text
 
 exit codes: 0 all steps passed (or skipped), 1 a step failed, 2 usage error or miri unavailable";
+
+/// Exit code with which the guest tier's scripts say "cannot run on this machine" (after a
+/// `vm: SKIP: <reason>` line on standard output); the step is then recorded as skipped.
+const SKIP_EXIT_CODE: i32 = 77;
+
+/// Prefix of the line that gives the reason of a [`SKIP_EXIT_CODE`] exit.
+const SKIP_LINE_PREFIX: &str = "vm: SKIP: ";
+
+/// Prefix of the guest harness's closing `dmatx-guest: N passed, M failed` line.
+const GUEST_SUMMARY_PREFIX: &str = "dmatx-guest: ";
 
 /// Loom's preemption bound for the smoke run inside the `test` tier.
 const LOOM_SMOKE_PREEMPTIONS: &str = "2";
@@ -73,9 +101,10 @@ fn main() -> ExitCode {
         Some("miri") => tier_miri(),
         Some("bench") => tier_bench(&rest),
         Some("stress") => tier_stress(&rest),
+        Some("vm") => tier_vm(),
         Some(other) => {
             eprintln!(
-                "xtask: unknown tier `{other}` (expected one of: test, loom, miri, bench, stress; see `cargo xtask --help`)"
+                "xtask: unknown tier `{other}` (expected one of: test, loom, miri, bench, stress, vm; see `cargo xtask --help`)"
             );
             ExitCode::from(2)
         }
@@ -88,8 +117,9 @@ fn main() -> ExitCode {
 
 /// `test`: the CI tier. fmt, clippy, build, `cargo test` in debug (so the verifier mode that
 /// rides on `debug_assertions` is on), the `tracing` feature of the core and the runtime
-/// (clippy; the tests that need it, and the zero-allocation test with it compiled in), then a
-/// loom smoke run if `crates/dmatx/tests/loom.rs` exists.
+/// (clippy; the tests that need it, and the zero-allocation test with it compiled in), a
+/// loom smoke run if `crates/dmatx/tests/loom.rs` exists, then the guest tier in one step
+/// (`vm/run-all.sh`, skipped where it cannot run).
 fn tier_test() -> ExitCode {
     let root = repo_root();
     let mut run = Run::new("test");
@@ -163,7 +193,57 @@ fn tier_test() -> ExitCode {
         run.skip("loom smoke", "crates/dmatx/tests/loom.rs not present");
     }
 
+    if let Some(why) = vm_unavailable() {
+        run.skip("vm", &why);
+    } else {
+        run.step_skippable("vm", vm_script(&root, "run-all.sh"));
+    }
+
     run.finish()
+}
+
+/// `vm`: the guest tier as three steps: `vm/setup.sh`, `vm/build.sh`, `vm/run.sh` (see
+/// `vm/README.md`). A step that reports it cannot run here ends the tier as skipped.
+fn tier_vm() -> ExitCode {
+    let root = repo_root();
+    let mut run = Run::new("vm");
+    if let Some(why) = vm_unavailable() {
+        run.skip("vm", &why);
+        return run.finish();
+    }
+    for (name, script) in [
+        ("vm setup", "setup.sh"),
+        ("vm build", "build.sh"),
+        ("vm boot", "run.sh"),
+    ] {
+        run.step_skippable(name, vm_script(&root, script));
+        if run.last_skipped() {
+            break;
+        }
+    }
+    run.finish()
+}
+
+/// Why the guest tier cannot run at all, before trying: `DMATX_VM=0`, or a host that is not
+/// Linux on x86_64. The scripts find the other reasons themselves.
+fn vm_unavailable() -> Option<String> {
+    if env::var_os("DMATX_VM").is_some_and(|v| v == "0") {
+        return Some("disabled by DMATX_VM=0".to_owned());
+    }
+    let (os, arch) = (env::consts::OS, env::consts::ARCH);
+    if os != "linux" || arch != "x86_64" {
+        return Some(format!(
+            "the guest tier needs a Linux x86_64 host (this is {os} {arch})"
+        ));
+    }
+    None
+}
+
+/// `bash vm/<script>`, run from `root`.
+fn vm_script(root: &Path, script: &str) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(root).arg(Path::new("vm").join(script));
+    cmd
 }
 
 /// `loom`: every loom model file `crates/*/tests/loom*.rs`, one cargo invocation per package,
@@ -339,9 +419,12 @@ struct Run {
     start: Instant,
     /// Tests the steps' test harnesses reported.
     tests: TestCounts,
+    /// The reason in the last `vm: SKIP: <reason>` line the running step printed.
+    skip_reason: Option<String>,
 }
 
-/// Tests counted from the harness's `test result: … N passed; M failed; K ignored; …` lines.
+/// Tests counted from the harness's `test result: … N passed; M failed; K ignored; …` lines
+/// and the guest harness's `dmatx-guest: N passed, M failed` line.
 #[derive(Default)]
 struct TestCounts {
     passed: u64,
@@ -350,9 +433,10 @@ struct TestCounts {
 }
 
 impl TestCounts {
-    /// Adds the counts of one `test result:` line (the text after that prefix).
+    /// Adds the counts of one `test result:` line (the text after that prefix) or of the
+    /// guest's summary (the text after `dmatx-guest: `).
     fn add(&mut self, counts: &str) {
-        for part in counts.split([';', '.']) {
+        for part in counts.split([';', '.', ',']) {
             let mut words = part.split_whitespace();
             let (Some(n), Some(what)) = (words.next(), words.next()) else {
                 continue;
@@ -377,11 +461,30 @@ impl Run {
             failed: false,
             start: Instant::now(),
             tests: TestCounts::default(),
+            skip_reason: None,
         }
     }
 
     /// Runs `cmd` as step `name` with banners, unless an earlier step failed.
-    fn step(&mut self, name: &str, mut cmd: Command) {
+    fn step(&mut self, name: &str, cmd: Command) {
+        self.run_step(name, cmd, false);
+    }
+
+    /// Like [`Run::step`], but an exit with [`SKIP_EXIT_CODE`] records the step as skipped,
+    /// for the reason its last `vm: SKIP: <reason>` line gave.
+    fn step_skippable(&mut self, name: &str, cmd: Command) {
+        self.run_step(name, cmd, true);
+    }
+
+    /// Whether the last recorded step was skipped.
+    fn last_skipped(&self) -> bool {
+        self.results
+            .last()
+            .is_some_and(|r| matches!(r.outcome, Outcome::Skipped(_)))
+    }
+
+    /// Runs `cmd` as step `name` (see [`Run::step`] and [`Run::step_skippable`]).
+    fn run_step(&mut self, name: &str, mut cmd: Command, skippable: bool) {
         if self.failed {
             self.skip(name, "not run: an earlier step failed");
             return;
@@ -397,8 +500,14 @@ impl Run {
         println!("{}", "=".repeat(78));
 
         let started = Instant::now();
+        self.skip_reason = None;
         let outcome = match self.run_counting(&mut cmd) {
             Ok(status) if status.success() => Outcome::Passed,
+            Ok(status) if skippable && status.code() == Some(SKIP_EXIT_CODE) => {
+                Outcome::Skipped(self.skip_reason.take().unwrap_or_else(|| {
+                    format!("the step exited {SKIP_EXIT_CODE} (cannot run here) without a reason")
+                }))
+            }
             Ok(status) => Outcome::Failed(format!("{status}")),
             Err(err) => Outcome::Failed(format!("could not start: {err}")),
         };
@@ -407,13 +516,17 @@ impl Run {
         let verdict = match &outcome {
             Outcome::Passed => "PASSED".to_owned(),
             Outcome::Failed(why) => format!("FAILED ({why})"),
-            Outcome::Skipped(_) => unreachable!("a step that ran is not skipped"),
+            Outcome::Skipped(why) => format!("SKIPPED ({why})"),
         };
         println!(
             "----- xtask {} [{index}] {name}: {verdict} in {} -----",
             self.tier,
             secs(time)
         );
+        if let Outcome::Skipped(why) = &outcome {
+            println!();
+            println!("!!!!! SKIPPED {name}: {why} !!!!!");
+        }
         self.failed |= matches!(outcome, Outcome::Failed(_));
         self.results.push(StepResult {
             name: name.to_owned(),
@@ -423,7 +536,8 @@ impl Run {
     }
 
     /// Runs `cmd`, passing its standard output through while adding up the tests that each
-    /// `test result:` line of the Rust test harness reports.
+    /// `test result:` line of the Rust test harness and the guest's `dmatx-guest: N passed,
+    /// M failed` line report, and keeping the reason of a `vm: SKIP:` line.
     fn run_counting(&mut self, cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
         use std::io::{BufRead, BufReader, Write};
         let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
@@ -434,6 +548,10 @@ impl Run {
                 writeln!(stdout, "{line}")?;
                 if let Some(counts) = line.trim_start().strip_prefix("test result: ") {
                     self.tests.add(counts);
+                } else if let Some(counts) = guest_summary(&line) {
+                    self.tests.add(counts);
+                } else if let Some(why) = line.strip_prefix(SKIP_LINE_PREFIX) {
+                    self.skip_reason = Some(why.trim().to_owned());
                 }
             }
         }
@@ -767,6 +885,18 @@ fn show_command(cmd: &Command) -> String {
     parts.join(" ")
 }
 
+/// The `N passed, M failed` of a guest harness summary line `dmatx-guest: N passed, M failed`
+/// (exactly that shape; the harness's other `dmatx-guest:` lines are not counts).
+fn guest_summary(line: &str) -> Option<&str> {
+    let counts = line.trim_end().strip_prefix(GUEST_SUMMARY_PREFIX)?;
+    let (passed, failed) = counts.split_once(", ")?;
+    let number = |part: &str, word: &str| {
+        part.strip_suffix(word)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    (number(passed, " passed") && number(failed, " failed")).then_some(counts)
+}
+
 /// A duration as seconds with one decimal, e.g. `12.3s`.
 fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
@@ -774,7 +904,18 @@ fn secs(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::TestCounts;
+    use super::{TestCounts, guest_summary};
+
+    #[test]
+    fn counts_the_guest_summary_line() {
+        let mut t = TestCounts::default();
+        let line = "dmatx-guest: 5 passed, 2 failed\r";
+        t.add(guest_summary(line).expect("a summary line"));
+        assert_eq!((t.passed, t.failed, t.ignored), (5, 2, 0));
+        assert!(guest_summary("dmatx-guest: edu: 0000:00:01.0; nvme: none").is_none());
+        assert!(guest_summary("dmatx-guest: 5 passed, 2 failed, 1 odd").is_none());
+        assert!(guest_summary("init: dmatx-guest: 5 passed, 0 failed").is_none());
+    }
 
     #[test]
     fn counts_harness_result_lines() {

@@ -71,6 +71,29 @@ pub(crate) struct DeviceInner {
 
 /// A PCI device opened through VFIO. BAR mappings ([`Bar`]) and interrupts ([`Interrupts`])
 /// keep the device open on their own, so they may outlive this value.
+///
+/// # Examples
+/// ```no_run
+/// use std::sync::Arc;
+///
+/// use dmatx_hal::RegisterWindow;
+/// use dmatx_vfio::{IommuMode, IrqKind, VfioContainer, VfioDevice};
+///
+/// # fn main() -> Result<(), dmatx_vfio::VfioError> {
+/// let container = VfioContainer::open(IommuMode::Iommu)?;
+/// let device = VfioDevice::open(&container, "0000:00:03.0")?;
+/// let registers = device.map_bar(0, None)?;
+/// assert_eq!(registers.read32(0x00), 0x0100_00ed); // QEMU edu's identification register
+/// device.enable_bus_master()?;
+/// let interrupts = device.enable_interrupts(
+///     IrqKind::Msi,
+///     1,
+///     Arc::new(|vector| println!("vector {vector} fired")),
+/// )?;
+/// interrupts.disable()?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct VfioDevice {
     inner: Arc<DeviceInner>,
     flags: u32,

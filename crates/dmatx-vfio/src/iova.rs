@@ -55,7 +55,7 @@ impl IovaAllocator {
                 format!("[{base:#x}, +{size:#x}) {why}"),
             )
         };
-        if base % PAGE != 0 || size % PAGE != 0 {
+        if !base.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
             return Err(invalid("is not page-aligned"));
         }
         if size == 0 {
@@ -181,7 +181,7 @@ impl IovaAllocator {
         let Some(offset) = iova.checked_sub(self.base) else {
             return false;
         };
-        if offset % PAGE != 0 || pages == 0 {
+        if !offset.is_multiple_of(PAGE) || pages == 0 {
             return false;
         }
         let first = offset / PAGE;
@@ -281,7 +281,7 @@ mod tests {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            if rng % 3 != 0 || live.is_empty() {
+            if !rng.is_multiple_of(3) || live.is_empty() {
                 let n = 1 + rng % 70;
                 let limit = 0x4000_0000 + (rng >> 20) % (pages * PAGE + PAGE);
                 let want = (0..pages).find(|&p| {

@@ -118,6 +118,7 @@ impl Memory {
     }
 
     /// Allocations in the registry now.
+    #[cfg(test)]
     pub(crate) fn registered(&self) -> usize {
         lock(&self.registry).len()
     }

@@ -46,7 +46,7 @@ pub(crate) fn check_page_size() -> VfioResult<()> {
 /// [`ErrorKind::Memory`] with the error number if the mapping or the lock fails (the lock
 /// usually fails on `RLIMIT_MEMLOCK`); nothing stays mapped then.
 pub(crate) fn alloc_locked(bytes: usize) -> VfioResult<usize> {
-    if bytes == 0 || bytes % PAGE != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(PAGE) {
         return Err(VfioError::new(
             ErrorKind::InvalidArgument,
             "memory",

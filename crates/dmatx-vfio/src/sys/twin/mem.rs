@@ -85,7 +85,7 @@ pub(crate) fn check_page_size() -> VfioResult<()> {
 
 /// As the real one: `bytes` of zeroed, page-aligned memory, counted as locked.
 pub(crate) fn alloc_locked(bytes: usize) -> VfioResult<usize> {
-    if bytes == 0 || bytes % PAGE != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(PAGE) {
         return Err(VfioError::new(
             ErrorKind::InvalidArgument,
             "memory",

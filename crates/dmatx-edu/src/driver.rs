@@ -299,7 +299,7 @@ impl<P: Platform, M: EduBuffer> Io<P, M> {
             Kind::Loopback => {
                 let offset = (k / 2) as u64 * self.chunk;
                 let length = self.chunk.min(self.length - offset);
-                let (direction, memory) = if k % 2 == 0 {
+                let (direction, memory) = if k.is_multiple_of(2) {
                     (Direction::WriteToDevice, self.request.input_memory())
                 } else {
                     (Direction::ReadFromDevice, self.request.output_memory())
@@ -407,6 +407,9 @@ struct Shared<P: Platform, M: EduBuffer> {
     this: Weak<Shared<P, M>>,
 }
 
+/// A request picked for admission, with its transaction.
+type Admitted<P, M> = (Arc<Io<P, M>>, Arc<Tx<P, M>>);
+
 struct Timers<P: Platform, M: EduBuffer> {
     watchdog: Timer<EduContext<P, M>>,
     poll: Option<Timer<EduContext<P, M>>>,
@@ -426,10 +429,11 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
             .cloned()
     }
 
-    fn timers(&self) -> Option<(Timer<EduContext<P, M>>, Option<Timer<EduContext<P, M>>>)> {
-        lock(&self.timers)
-            .as_ref()
-            .map(|t| (t.watchdog.clone(), t.poll.clone()))
+    fn timers(&self) -> Option<Timers<P, M>> {
+        lock(&self.timers).as_ref().map(|t| Timers {
+            watchdog: t.watchdog.clone(),
+            poll: t.poll.clone(),
+        })
     }
 
     /// A new request: into the backlog, then admit what can be.
@@ -499,7 +503,7 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
         }
     }
 
-    fn pick(s: &mut Sched<P, M>) -> Option<(Arc<Io<P, M>>, Arc<Tx<P, M>>)> {
+    fn pick(s: &mut Sched<P, M>) -> Option<Admitted<P, M>> {
         if s.stopping || s.ahead.is_some() || s.pool.is_empty() {
             return None;
         }
@@ -680,7 +684,7 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
             started: Instant::now(),
         });
         // Armed with the engine locked: the end of this transfer is handled after.
-        if let Some((watchdog, poll)) = self.timers() {
+        if let Some(Timers { watchdog, poll }) = self.timers() {
             let _ = watchdog.start(self.config.timeout);
             if let (Some(poll), Completion::Polled { interval }) = (poll, self.config.completion) {
                 let _ = poll.start(interval);
@@ -703,8 +707,12 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
             };
             if !ended {
                 if cause == Cause::Poll
-                    && let (Some((_, Some(poll))), Completion::Polled { interval }) =
-                        (self.timers(), self.config.completion)
+                    && let (
+                        Some(Timers {
+                            poll: Some(poll), ..
+                        }),
+                        Completion::Polled { interval },
+                    ) = (self.timers(), self.config.completion)
                 {
                     let _ = poll.start(interval);
                 }
@@ -715,7 +723,7 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
         let Some(Running { transfer, .. }) = running else {
             return;
         };
-        if let Some((watchdog, poll)) = self.timers() {
+        if let Some(Timers { watchdog, poll }) = self.timers() {
             let _ = watchdog.stop(false);
             if let Some(poll) = poll {
                 let _ = poll.stop(false);
@@ -1315,7 +1323,9 @@ impl<P: Platform, M: EduBuffer> Edu<P, M> {
         self.shared().config
     }
 
-    /// Requests the driver holds (delivered and not completed).
+    /// Requests the driver holds (delivered and not completed). A request's issuer is woken
+    /// just before the queue forgets it, so right after a wait this can still count it for a
+    /// moment.
     pub fn requests_in_flight(&self) -> usize {
         self.queue.outstanding()
     }

@@ -250,6 +250,12 @@ impl SimEduBoard {
         if !self.settle(Duration::from_secs(10)) {
             problems.push("interrupt delivery did not settle".to_string());
         }
+        // A request's completion wakes its issuer before the queue forgets it: give the
+        // completing thread (a DPC or a timer) a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.edu.requests_in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         if self.edu.requests_in_flight() > 0 {
             problems.push(format!(
                 "{} requests in flight at shut-down",

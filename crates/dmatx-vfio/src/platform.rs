@@ -231,6 +231,10 @@ impl VfioPlatform {
     /// The platform of `container`'s devices: IOVAs from `config`'s window that the
     /// container's IOMMU accepts (in IOMMU mode), memory locked in this process.
     ///
+    /// Make it once a device is open in the container (the first device opened sets the IOMMU
+    /// up, and only then are its valid IOVA ranges known). The platform and its adapters keep
+    /// the container open while they live: their mappings are the container's.
+    ///
     /// # Errors
     /// As [`VfioContainer::iova_ranges`](crate::VfioContainer) when the valid ranges cannot be
     /// read; [`ErrorKind::InvalidArgument`] for an invalid window; [`ErrorKind::Unsupported`]
@@ -2443,5 +2447,42 @@ mod tests {
         adapter.free_common_buffer(c);
         drop((a, adapter));
         assert_clean(&platform, before);
+    }
+
+    #[test]
+    fn a_platform_over_a_vfio_container() {
+        use crate::device::tests::{EDU, setup};
+        let before = sys::locked_pages();
+        let (twin, container, device) = setup(crate::sys::DeviceSpec::new(EDU, 3));
+        // The IOMMU accepts IOVAs below 0xFF_0000 and from 4 GiB on.
+        twin.iova_ranges(Some(vec![(0, 0xFE_FFFF), (0x1_0000_0000, u64::MAX)]));
+        let platform = VfioPlatform::new(&container, PlatformConfig::default()).unwrap();
+        assert_eq!(platform.mode(), IommuMode::Iommu);
+        let s = platform.stats();
+        assert_eq!(s.iova_total_pages, (0xFF_0000 - 0x10_0000) / PAGE_SIZE);
+        let adapter = platform.create_adapter(&description(28, 16384)).unwrap();
+        assert_eq!(adapter.map_register_count(), 5);
+        let buffer = platform.allocate_buffer(20_000, 0x10).unwrap();
+        let regs = grant(&adapter, 5);
+        let mut out = [SgElement::new(BusAddr::new(0), 0); 2];
+        let w = Direction::WriteToDevice;
+        let m = adapter.map(&regs, &buffer, 0, 16384, w, &mut out).unwrap();
+        assert_eq!((m.bytes, m.elements), (16384, 1));
+        assert_eq!(out[0].address.get(), adapter.iova_base() + 0x10);
+        assert_eq!(twin.dma_calls(), (1, 0, 1));
+        adapter.flush(&regs, &buffer, 0, 16384, w).unwrap();
+        assert_eq!(twin.dma_calls(), (1, 1, 0));
+        let c = adapter.allocate_common_buffer(100).unwrap();
+        assert_eq!(twin.dma_calls(), (2, 1, 1));
+        adapter.free_common_buffer(c);
+        adapter.free(regs);
+        drop((adapter, buffer));
+        assert_eq!(twin.dma_calls().2, 0);
+        assert_clean(&platform, before);
+        // The platform keeps the container open (its mappings need it) until it goes.
+        drop((device, container));
+        assert_eq!(twin.open_fds(), 1);
+        drop(platform);
+        twin.assert_clean();
     }
 }

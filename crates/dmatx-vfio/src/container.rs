@@ -201,7 +201,7 @@ impl VfioContainer {
                 ),
                 Errno::BUSY => (
                     ErrorKind::DeviceOpen,
-                    format!("IOMMU group {number} ({path}) is in use by another process"),
+                    format!("IOMMU group {number} ({path}) is in use: another container, in this process or another, holds it"),
                 ),
                 Errno::ACCESS | Errno::PERM => (
                     ErrorKind::DeviceOpen,

@@ -82,13 +82,13 @@ pub struct PlatformConfig {
 }
 
 impl Default for PlatformConfig {
-    /// IOVAs `[0x10_0000, 0x0F10_0000)` (1 MiB to 241 MiB), all below 256 MiB so devices
+    /// IOVAs `[0x10_0000, 0x1000_0000)` (1 MiB to 256 MiB), all below 2^28 so devices
     /// that drive only 28 address bits (QEMU's edu) fit;
     /// registers sized from the maximum transfer; up to 4096 live allocations.
     fn default() -> Self {
         Self {
             iova_base: 0x10_0000,
-            iova_size: 0x0F00_0000,
+            iova_size: 0x0FF0_0000,
             map_registers: None,
             max_buffers: 4096,
         }
@@ -1900,7 +1900,7 @@ mod tests {
         let s = p.stats();
         assert_eq!(
             s.iova_total_pages,
-            0x100 + (0x0F10_0000 - 0x800_0000) / PAGE_SIZE
+            0x100 + (0x1000_0000 - 0x800_0000) / PAGE_SIZE
         );
         let a = p
             .create_adapter(&description(64, 0x10_0000 + 4096))

@@ -87,7 +87,7 @@ pub struct Env {
     /// [`EDU_BUFFER_SIZE`]. The run script sets 4095 on QEMU older than 10, whose edu aborts
     /// on a transfer that ends exactly at the end of its buffer.
     pub edu_max_transfer: usize,
-    /// Time limit of one test: `DMATX_GUEST_TEST_TIMEOUT` seconds, default 60.
+    /// Time limit of one test: `DMATX_GUEST_TEST_TIMEOUT` seconds, default 300.
     pub test_timeout: Duration,
     /// Module and bind failures the guest's init counted (`DMATX_INIT_ERRORS`), or `None`
     /// when the harness was not started by it.

@@ -25,7 +25,7 @@ const USAGE: &str = "usage: dmatx-guest [--list] [filter]
 
 Runs the guest tier's tests (those whose name contains `filter`, or all) and prints
 `dmatx-guest: N passed, M failed`. Environment: DMATX_EDU_MAX_TRANSFER (largest edu DMA in
-bytes, default 4096), DMATX_GUEST_TEST_TIMEOUT (seconds per test, default 60),
+bytes, default 4096), DMATX_GUEST_TEST_TIMEOUT (seconds per test, default 300),
 DMATX_INIT_ERRORS (set by the guest's init: its module and bind failures).";
 
 /// Parses the command line, then lists or runs the tests.

@@ -118,4 +118,4 @@ fn payload_text(payload: &(dyn Any + Send)) -> String {
 }
 
 /// A [`Duration`] default for [`Env::test_timeout`].
-pub const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(300);

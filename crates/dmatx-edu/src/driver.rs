@@ -372,6 +372,9 @@ struct Running<P: Platform, M: EduBuffer> {
 struct Engine<P: Platform, M: EduBuffer> {
     running: Option<Running<P, M>>,
     waiting: VecDeque<Transfer<P, M>>,
+    /// Since when a transfer has been waiting for a DMA the watchdog gave up on: edu cannot
+    /// abort a DMA, so the engine stays busy until the device ends it.
+    wedged_since: Option<Instant>,
 }
 
 struct Sched<P: Platform, M: EduBuffer> {
@@ -662,6 +665,35 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
         let Some(regs) = self.regs() else {
             return;
         };
+        if e.waiting.is_empty() {
+            return;
+        }
+        if regs.read32(reg::DMA_CMD) & cmd::RUN != 0 {
+            // A DMA the watchdog gave up on is still running, and edu ignores the DMA
+            // registers until it ends: programming now would lose this transfer. Wait for its
+            // end (its interrupt or the poll timer calls back here), bounded by the watchdog.
+            if e.wedged_since.is_none() {
+                e.wedged_since = Some(Instant::now());
+                if let Some(Timers { watchdog, poll }) = self.timers() {
+                    let _ = watchdog.start(self.config.timeout);
+                    if let (Some(poll), Completion::Polled { interval }) =
+                        (poll, self.config.completion)
+                    {
+                        let _ = poll.start(interval);
+                    }
+                }
+            } else if let (
+                Some(Timers {
+                    poll: Some(poll), ..
+                }),
+                Completion::Polled { interval },
+            ) = (self.timers(), self.config.completion)
+            {
+                let _ = poll.start(interval);
+            }
+            return;
+        }
+        e.wedged_since = None;
         let Some(transfer) = e.waiting.pop_front() else {
             return;
         };
@@ -697,6 +729,29 @@ impl<P: Platform, M: EduBuffer> Shared<P, M> {
         let running = {
             let mut e = lock(&self.engine);
             let Some(r) = &e.running else {
+                // No transfer of ours runs: the engine may be ending a DMA the watchdog gave
+                // up on, with transfers waiting behind it.
+                let expired = cause == Cause::Watchdog
+                    && e.wedged_since
+                        .is_some_and(|since| since.elapsed() >= self.config.timeout);
+                let failed = if expired {
+                    e.wedged_since = None;
+                    e.waiting.pop_front()
+                } else {
+                    None
+                };
+                drop(e);
+                if let Some(transfer) = failed {
+                    // The device never became free for it: fail its request as a timeout.
+                    let io = transfer.io;
+                    let t = lock(&io.st).transaction.clone();
+                    let status = match t.map(|t| t.dma_completed_final(0)) {
+                        Some(Err(e)) => Err(e),
+                        _ => Err(Error::IoTimeout),
+                    };
+                    self.phase_done(&io, status);
+                }
+                self.pump();
                 return;
             };
             let ended = match cause {
@@ -853,9 +908,9 @@ fn program_dma<P: Platform, M: EduBuffer>(
         None
     };
     if let Some(status) = abort {
-        if let Ok(DmaCompletion::Finished(_)) = t.dma_completed_final(0) {
-            shared.finish(io, status);
-        }
+        // Whatever the transaction answers, the request ends here (`finish` runs once).
+        let _ = t.dma_completed_final(0);
+        shared.finish(io, status);
         return true;
     }
     let Some(element) = element else {
@@ -1077,6 +1132,7 @@ pub fn edu_device_add<P: Platform, M: EduBuffer>(
         engine: Mutex::new(Engine {
             running: None,
             waiting: VecDeque::new(),
+            wedged_since: None,
         }),
         saved_irq: Mutex::new(0),
         timers: Mutex::new(None),

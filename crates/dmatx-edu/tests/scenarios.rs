@@ -315,3 +315,61 @@ fn a_loopback_with_a_short_output_is_refused() {
     drop(short_output);
     board.shut_down().unwrap();
 }
+
+/// A DMA the watchdog gave up on keeps edu busy (it cannot be aborted): the request queued
+/// behind it is not programmed into the busy engine (edu would ignore it and the request would
+/// complete with no data moved); it waits until the device ends the DMA, then runs — or, if the
+/// device never does, fails with IoTimeout itself.
+#[test]
+fn a_request_behind_a_timed_out_dma_waits_for_the_engine() {
+    for device_recovers in [true, false] {
+        let mut config = held(BoardConfig::default().one_transfer_of_registers());
+        config.driver.timeout = Duration::from_millis(50);
+        let board = SimEduBoard::new(config).unwrap();
+        // What B must read back (A's late DMA is blocked, so it stays).
+        let held_bytes = pattern(4096, 0x5a);
+        board.chip().fill_device_buffer(0, &held_bytes).unwrap();
+        // One transfer each: 4096 bytes at page offset 1 take both map registers.
+        let a = board.write(&pattern(4096, 11), 1).unwrap();
+        let b = board.read(4096, 1).unwrap();
+        assert_eq!(done(&a).status, Err(Error::IoTimeout));
+        // B is not programmed while the abandoned DMA runs.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            b.try_completed().is_none(),
+            "B completed while edu was busy"
+        );
+        assert_eq!(board.chip().stats().commands, 1);
+        assert_eq!(
+            board.chip().stats().ignored_writes,
+            0,
+            "the driver wrote the DMA registers of a busy engine"
+        );
+        if device_recovers {
+            // The device ends A's DMA late: its read of A's buffer is blocked (the mapping
+            // is gone) and recorded; then B runs and reads what the device buffer holds.
+            board.chip().set_hold(false);
+            board.chip().release();
+            let got = done(&b);
+            assert_eq!(got.status, Ok(()));
+            assert_eq!(got.information, 4096);
+            assert_eq!(output(&b, 4096), held_bytes);
+            assert_eq!(board.chip().stats().commands, 2);
+            assert_eq!(board.chip().stats().ignored_writes, 0);
+            assert!(
+                !board.sim().sanitizer_record().is_empty(),
+                "the late DMA was blocked"
+            );
+            board.sim().clear_sanitizer();
+        } else {
+            // The device stays busy: B times out too, without ever being programmed.
+            assert_eq!(done(&b).status, Err(Error::IoTimeout));
+            assert_eq!(board.chip().stats().commands, 1);
+            assert_eq!(board.chip().stats().ignored_writes, 0);
+            board.chip().reset();
+        }
+        wait_for(|| board.edu().requests_in_flight() == 0);
+        drop((a, b));
+        board.shut_down().unwrap();
+    }
+}

@@ -7,15 +7,14 @@
 //! [`Interrupt::raise`](dmatx_runtime::Interrupt::raise)`(0)` while the device's interrupt
 //! status is non-zero — as a level-triggered line keeps interrupting until acknowledged.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dmatx::{Direction, DmaDevice, Result};
-use dmatx_runtime::RequestHandle;
+use dmatx_runtime::{LevelLine, RequestHandle};
 use dmatx_sim::{AdapterMode, SimBuffer, SimConfig, SimEdu, SimEduConfig, SimPlatform};
 
-use crate::driver::{Edu, EduConfig, EduContext, edu_device_add};
+use crate::driver::{Edu, EduConfig, edu_device_add};
 
 /// The driver on the simulated machine.
 pub type SimEduDriver = Edu<SimPlatform, SimBuffer>;
@@ -55,40 +54,12 @@ impl BoardConfig {
     }
 }
 
-#[derive(Default)]
-struct LineState {
-    pending: bool,
-    stop: bool,
-    busy: bool,
-}
-
-#[derive(Default)]
-struct Line {
-    state: Mutex<LineState>,
-    changed: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Line {
-    fn kick(&self) {
-        let mut st = lock(&self.state);
-        st.pending = true;
-        st.busy = true;
-        drop(st);
-        self.changed.notify_all();
-    }
-}
-
 /// An edu device with its driver on the simulated machine.
 pub struct SimEduBoard {
     sim: SimPlatform,
     chip: SimEdu,
     edu: SimEduDriver,
-    line: Arc<Line>,
-    controller: Option<JoinHandle<()>>,
+    line: LevelLine,
 }
 
 impl std::fmt::Debug for SimEduBoard {
@@ -128,32 +99,24 @@ impl SimEduBoard {
             chip.shut_down();
             return Err(format!("prepare hardware: {e}"));
         }
-        let line = Arc::new(Line::default());
-        let edge = Arc::clone(&line);
-        chip.set_interrupt_listener(move || edge.kick());
-        let controller = {
-            let line = Arc::clone(&line);
+        let line = {
             let chip = chip.clone();
-            let interrupt = edu.interrupt().clone();
-            std::thread::Builder::new()
-                .name("edu-intx".into())
-                .spawn(move || interrupt_controller(&line, &chip, &interrupt))
+            LevelLine::spawn("edu-intx", edu.interrupt(), move || chip.line_asserted())
         };
-        let controller = match controller {
-            Ok(c) => c,
+        let line = match line {
+            Ok(line) => line,
             Err(e) => {
-                chip.clear_interrupt_listener();
                 let _ = edu.remove();
                 chip.shut_down();
                 return Err(format!("interrupt controller: {e}"));
             }
         };
+        chip.set_interrupt_listener(line.edge());
         let board = Self {
             sim,
             chip,
             edu,
             line,
-            controller: Some(controller),
         };
         board.edu.start().map_err(|e| format!("start: {e}"))?;
         Ok(board)
@@ -220,23 +183,7 @@ impl SimEduBoard {
     /// Wait until no interrupt delivery is pending or running and the DPC is idle, at most
     /// `timeout`. `true` if everything settled.
     pub fn settle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let quiet = !lock(&self.line.state).busy;
-            if quiet
-                && self
-                    .edu
-                    .interrupt()
-                    .wait_dpc_idle(deadline.saturating_duration_since(Instant::now()))
-                && !lock(&self.line.state).busy
-            {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.line.settle(timeout)
     }
 
     /// Remove the device, stop the interrupt controller and the device model, and check the
@@ -245,7 +192,7 @@ impl SimEduBoard {
     ///
     /// # Errors
     /// Everything found, one item per line.
-    pub fn shut_down(mut self) -> core::result::Result<(), String> {
+    pub fn shut_down(self) -> core::result::Result<(), String> {
         let mut problems = Vec::new();
         if !self.settle(Duration::from_secs(10)) {
             problems.push("interrupt delivery did not settle".to_string());
@@ -265,7 +212,7 @@ impl SimEduBoard {
         if let Err(e) = self.edu.remove() {
             problems.push(format!("remove: {e}"));
         }
-        self.stop_controller();
+        self.line.stop();
         self.chip.clear_interrupt_listener();
         if let Err(e) = self.chip.check_idle() {
             problems.push(e);
@@ -284,50 +231,12 @@ impl SimEduBoard {
             Err(problems.join("\n"))
         }
     }
-
-    fn stop_controller(&mut self) {
-        lock(&self.line.state).stop = true;
-        self.line.changed.notify_all();
-        if let Some(t) = self.controller.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for SimEduBoard {
     fn drop(&mut self) {
-        self.stop_controller();
+        self.line.stop();
         self.chip.clear_interrupt_listener();
         self.chip.shut_down();
-    }
-}
-
-/// The interrupt controller's thread.
-fn interrupt_controller(
-    line: &Line,
-    chip: &SimEdu,
-    interrupt: &dmatx_runtime::Interrupt<EduContext<SimPlatform, SimBuffer>>,
-) {
-    loop {
-        {
-            let mut st = lock(&line.state);
-            loop {
-                if st.stop {
-                    return;
-                }
-                if st.pending {
-                    st.pending = false;
-                    break;
-                }
-                st.busy = false;
-                st = line.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        while chip.line_asserted() {
-            match interrupt.raise(0) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
     }
 }

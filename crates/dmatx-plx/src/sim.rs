@@ -9,12 +9,12 @@
 //! a chip in immediate mode finishes inside the DMACSR write of program-DMA (which holds the
 //! lock), the ISR runs once program-DMA releases it (scenario P15).
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dmatx::{Direction, DmaDevice, Error, Result};
-use dmatx_runtime::RequestHandle;
+use dmatx::{Direction, DmaDevice, Result};
+use dmatx_runtime::{LevelLine, RequestHandle};
 use dmatx_sim::{Placement, Plx9656Config, SimBuffer, SimConfig, SimPlatform, SimPlx9656};
 
 use crate::driver::{
@@ -49,32 +49,8 @@ pub struct BoardConfig {
     pub fragmentation: Option<Vec<u64>>,
 }
 
-#[derive(Default)]
-struct LineState {
-    pending: bool,
-    stop: bool,
-    /// Interrupt deliveries in progress or pending.
-    busy: bool,
-}
-
-#[derive(Default)]
-struct Line {
-    state: Mutex<LineState>,
-    changed: Condvar,
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Line {
-    fn kick(&self) {
-        let mut st = lock(&self.state);
-        st.pending = true;
-        st.busy = true;
-        drop(st);
-        self.changed.notify_all();
-    }
 }
 
 /// A PCI9656 board with the PLX9x5x driver on the simulated machine.
@@ -82,8 +58,7 @@ pub struct SimBoard {
     sim: SimPlatform,
     chip: SimPlx9656,
     plx: SimPlx,
-    line: Arc<Line>,
-    controller: Option<JoinHandle<()>>,
+    line: LevelLine,
 }
 
 impl std::fmt::Debug for SimBoard {
@@ -165,24 +140,17 @@ impl SimBoard {
         }
         #[cfg(feature = "tracing")]
         chip.set_event_sink(trace_chip_event);
-        let line = Arc::new(Line::default());
-        let edge = Arc::clone(&line);
-        chip.set_line_listener(move || edge.kick());
-        let controller = {
-            let line = Arc::clone(&line);
+        let line = {
             let chip = chip.clone();
-            let interrupt = plx.interrupt().clone();
-            std::thread::Builder::new()
-                .name("plx-intx".into())
-                .spawn(move || interrupt_controller(&line, &chip, &interrupt))
+            LevelLine::spawn("plx-intx", plx.interrupt(), move || chip.line_asserted())
                 .map_err(|e| format!("interrupt controller: {e}"))?
         };
+        chip.set_line_listener(line.edge());
         let board = Self {
             sim,
             chip,
             plx,
             line,
-            controller: Some(controller),
         };
         board.start().map_err(|e| format!("start: {e}"))?;
         Ok(board)
@@ -268,23 +236,7 @@ impl SimBoard {
     /// Wait until no interrupt delivery is pending or running and the DPC is idle, at most
     /// `timeout`. `true` if everything settled.
     pub fn settle(&self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let quiet = !lock(&self.line.state).busy;
-            if quiet
-                && self
-                    .plx
-                    .interrupt()
-                    .wait_dpc_idle(deadline.saturating_duration_since(std::time::Instant::now()))
-                && !lock(&self.line.state).busy
-            {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.line.settle(timeout)
     }
 
     /// Remove the device (D3Final with the soft reset, delete), stop the interrupt controller,
@@ -292,7 +244,7 @@ impl SimBoard {
     ///
     /// # Errors
     /// Everything found, one item per line.
-    pub fn shut_down(mut self) -> core::result::Result<(), String> {
+    pub fn shut_down(self) -> core::result::Result<(), String> {
         let mut problems = Vec::new();
         // Removal waits for requests in flight (as WDF does); one that can never complete
         // would hang it, so report it instead and leave the board to be dropped.
@@ -305,7 +257,7 @@ impl SimBoard {
         if let Err(e) = self.plx.remove() {
             problems.push(format!("remove: {e}"));
         }
-        self.stop_controller();
+        self.line.stop();
         self.chip.clear_line_listener();
         if let Err(e) = self.chip.check_idle() {
             problems.push(e);
@@ -323,22 +275,11 @@ impl SimBoard {
             Err(problems.join("\n"))
         }
     }
-
-    fn stop_controller(&mut self) {
-        {
-            let mut st = lock(&self.line.state);
-            st.stop = true;
-        }
-        self.line.changed.notify_all();
-        if let Some(t) = self.controller.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for SimBoard {
     fn drop(&mut self) {
-        self.stop_controller();
+        self.line.stop();
         self.chip.clear_line_listener();
     }
 }
@@ -416,35 +357,5 @@ fn trace_chip_event(event: dmatx_sim::Plx9656Event) {
             tracing::event!(name: "device.line", target: "dmatx_plx", tracing::Level::DEBUG, {});
         }
         _ => {}
-    }
-}
-
-/// The interrupt controller's thread.
-fn interrupt_controller(
-    line: &Line,
-    chip: &SimPlx9656,
-    interrupt: &dmatx_runtime::Interrupt<crate::driver::DeviceExtension<SimPlatform, SimBuffer>>,
-) {
-    loop {
-        {
-            let mut st = lock(&line.state);
-            loop {
-                if st.stop {
-                    return;
-                }
-                if st.pending {
-                    st.pending = false;
-                    break;
-                }
-                st.busy = false;
-                st = line.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        while chip.line_asserted() {
-            match interrupt.raise(0) {
-                Ok(true) => continue,
-                Ok(false) | Err(Error::InvalidDeviceState) | Err(_) => break,
-            }
-        }
     }
 }

@@ -150,6 +150,7 @@ mod device;
 pub mod dma;
 mod interrupt;
 mod ioctl;
+mod line;
 mod queue;
 mod request;
 mod sync;
@@ -158,6 +159,7 @@ mod timer;
 pub use device::{Device, DeviceConfig, PnpPowerCallback, PnpPowerCallbacks, PowerState};
 pub use interrupt::{Dpc, Interrupt, InterruptConfig, InterruptLockGuard, InterruptStats, Isr};
 pub use ioctl::{IoctlCode, TransferMethod};
+pub use line::LevelLine;
 pub use queue::{Dispatch, IoHandler, IoctlHandler, Queue, QueueConfig};
 pub use request::{
     CancelCallback, Completed, Request, RequestHandle, RequestKind, RequestMemory, RequestSpec,

@@ -1375,7 +1375,7 @@ impl Adapter for VfioAdapter {
 mod tests {
     use super::*;
     use std::cell::{Cell, RefCell};
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::BTreeMap;
     use std::rc::Rc;
     use std::sync::Weak;
 
@@ -1489,7 +1489,6 @@ mod tests {
     struct FakePhys {
         next: Cell<u64>,
         stride: Cell<u64>,
-        by_va: RefCell<HashMap<usize, u64>>,
         by_phys: RefCell<BTreeMap<u64, usize>>,
     }
 
@@ -1498,7 +1497,6 @@ mod tests {
             let me = Rc::new(Self {
                 next: Cell::new(next),
                 stride: Cell::new(1),
-                by_va: RefCell::default(),
                 by_phys: RefCell::default(),
             });
             let f = Rc::downgrade(&me);
@@ -1513,13 +1511,12 @@ mod tests {
             self.stride.set(stride);
         }
 
+        /// Called once per page of each new allocation (pagemap is read when memory is
+        /// allocated), so a freed page's address reused by the allocator gets a fresh
+        /// placement rather than the one its previous owner had.
         fn assign(&self, va: usize) -> u64 {
-            if let Some(p) = self.by_va.borrow().get(&va) {
-                return *p;
-            }
             let p = self.next.get();
             self.next.set(p + self.stride.get() * PAGE_SIZE);
-            self.by_va.borrow_mut().insert(va, p);
             self.by_phys.borrow_mut().insert(p, va);
             p
         }
